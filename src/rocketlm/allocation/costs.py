@@ -1,0 +1,52 @@
+"""Allocation costs: a small registry of functions scoring a profiled candidate.
+
+A cost maps (layer profile, candidate) to the non-negative number the knapsack sums. The
+same cost also picks the best ``ks`` per (layer, removed ratio).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rocketlm.profiling.profile import Candidate, LayerProfile
+
+CostFn = Callable[[LayerProfile, Candidate], float]
+
+
+@dataclass(frozen=True)
+class Cost:
+    name: str
+    fn: CostFn
+    description: str
+
+
+_REGISTRY: dict[str, Cost] = {}
+
+
+def register_cost(name: str, description: str):
+    """Decorator: ``@register_cost("name", "what it measures")`` on a ``(profile, candidate) -> float``."""
+    def decorate(fn: CostFn) -> CostFn:
+        _REGISTRY[name] = Cost(name, fn, description)
+        return fn
+    return decorate
+
+
+def available_costs() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get_cost(name: str) -> Cost:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown cost {name!r}; available: {', '.join(_REGISTRY)}") from None
+
+
+@register_cost("weight", "ROCKET: relative weight-space error ||W - W_hat|| / ||W||")
+def weight_cost(profile: LayerProfile, candidate: Candidate) -> float:
+    return candidate.error_weight
+
+
+@register_cost("output", "ROCKET-ActCost: relative output-space error ||XW - XW_hat|| / ||XW|| on the calibration data")
+def output_cost(profile: LayerProfile, candidate: Candidate) -> float:
+    return candidate.error_output

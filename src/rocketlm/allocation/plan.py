@@ -1,0 +1,177 @@
+"""Global allocation: one candidate (or "leave dense") per layer, by an exact knapsack.
+
+Options of a layer: for every removed ratio of the grid, the ``ks`` with the smallest cost
+(ROCKET.md section 4: the best ``ks`` is chosen by the same error as the allocation), plus
+"leave dense" (nothing removed, cost 0). The knapsack minimises the summed (unweighted)
+cost subject to removed >= ``removed_ratio`` x the targeted layers' total, counted in values
+(as in the paper) or in bytes (values + index structure).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from rocketlm.allocation.costs import get_cost
+from rocketlm.allocation.knapsack import InfeasibleBudgetError, solve_mckp
+from rocketlm.profiling.profile import Candidate, LayerProfile
+
+log = logging.getLogger(__name__)
+
+ALPHA_GRID = tuple(round(1.0 + 0.1 * i, 1) for i in range(11))
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    name: str
+    d_in: int
+    d_out: int
+    dense: bool
+    removed_ratio: float  # nominal grid ratio of the chosen candidate (0 when dense)
+    ks: float | None
+    k: int | None
+    s: int | None
+    kept_values: int
+    kept_bytes: int
+    dense_values: int
+    dense_bytes: int
+    error_weight: float
+    error_output: float
+    cost: float
+
+    @property
+    def achieved_removed_ratio(self) -> float:
+        return 1.0 - self.kept_values / self.dense_values
+
+
+@dataclass
+class Allocation:
+    cost: str
+    budget_count: str
+    target_removed_ratio: float
+    alpha: float | None
+    choices: list[LayerChoice]
+    total_cost: float
+    lower_bound: float
+    solve_seconds: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def dense_values(self) -> int:
+        return sum(c.dense_values for c in self.choices)
+
+    @property
+    def kept_values(self) -> int:
+        return sum(c.kept_values for c in self.choices)
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(c.dense_bytes for c in self.choices)
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(c.kept_bytes for c in self.choices)
+
+    @property
+    def achieved_removed_ratio(self) -> float:
+        """Removed fraction of the targeted layers' parameters (values)."""
+        return 1.0 - self.kept_values / self.dense_values
+
+    @property
+    def achieved_removed_bytes_ratio(self) -> float:
+        return 1.0 - self.kept_bytes / self.dense_bytes
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.update(achieved_removed_ratio=self.achieved_removed_ratio,
+                    achieved_removed_bytes_ratio=self.achieved_removed_bytes_ratio,
+                    dense_values=self.dense_values, kept_values=self.kept_values,
+                    dense_bytes=self.dense_bytes, kept_bytes=self.kept_bytes)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Allocation":
+        fields = {k: data[k] for k in ("cost", "budget_count", "target_removed_ratio", "alpha", "total_cost",
+                                       "lower_bound", "solve_seconds")}
+        return cls(choices=[LayerChoice(**c) for c in data["choices"]], extra=data.get("extra", {}), **fields)
+
+
+def layer_options(profile: LayerProfile, cost: str) -> list[Candidate]:
+    """Best-ks candidate per removed ratio under ``cost`` (ties: smaller ks)."""
+    fn = get_cost(cost).fn
+    best: dict[float, tuple[float, Candidate]] = {}
+    for cand in profile.candidates:
+        value = fn(profile, cand)
+        if not math.isfinite(value):
+            continue
+        if cand.removed_ratio not in best or value < best[cand.removed_ratio][0]:
+            best[cand.removed_ratio] = (value, cand)
+    return [best[r][1] for r in sorted(best)]
+
+
+def _dense_choice(profile: LayerProfile) -> LayerChoice:
+    return LayerChoice(profile.name, profile.d_in, profile.d_out, True, 0.0, None, None, None,
+                       profile.dense_values, profile.dense_bytes, profile.dense_values, profile.dense_bytes,
+                       0.0, 0.0, 0.0)
+
+
+def _choice(profile: LayerProfile, cand: Candidate, cost_value: float) -> LayerChoice:
+    return LayerChoice(profile.name, profile.d_in, profile.d_out, False, cand.removed_ratio, cand.ks, cand.k,
+                       cand.s, cand.kept_values, cand.kept_bytes, profile.dense_values, profile.dense_bytes,
+                       cand.error_weight, cand.error_output, cost_value)
+
+
+def candidate_choices(profiles: list[LayerProfile], cost: str) -> list[list[LayerChoice]]:
+    """Per layer: "leave dense" first, then the best-ks candidate of every removed ratio."""
+    fn = get_cost(cost).fn
+    return [[_dense_choice(p)] + [_choice(p, c, fn(p, c)) for c in layer_options(p, cost)] for p in profiles]
+
+
+def _removed(choice: LayerChoice, budget_count: str) -> int:
+    if budget_count == "bytes":
+        return choice.dense_bytes - choice.kept_bytes
+    return choice.dense_values - choice.kept_values
+
+
+def _alpha_filter(options: list[list[LayerChoice]], target: float, alpha: float) -> list[list[LayerChoice]]:
+    """Reference's cap: drop candidates whose cost exceeds alpha x the mean cost at the target ratio
+    (mean over layers of the candidate nearest the target); "leave dense" always stays."""
+    at_target = []
+    for opts in options:
+        compressed = [o for o in opts if not o.dense]
+        if compressed:
+            at_target.append(min(compressed, key=lambda o: abs(o.removed_ratio - target)).cost)
+    cap = alpha * float(np.mean(at_target)) if at_target else math.inf
+    return [[o for o in opts if o.dense or o.cost <= cap] for opts in options]
+
+
+def allocate(profiles: list[LayerProfile], removed_ratio: float, cost: str = "weight",
+             budget_count: str = "values", alpha: float | str | None = None) -> Allocation:
+    """Solve the multiple-choice knapsack; raises :class:`InfeasibleBudgetError` when the target
+    cannot be met (never a silent fallback)."""
+    start = time.perf_counter()
+    options = candidate_choices(profiles, cost)
+    total = sum((p.dense_bytes if budget_count == "bytes" else p.dense_values) for p in profiles)
+    required = int(math.ceil(removed_ratio * total))
+    alphas = ALPHA_GRID if alpha == "auto" else (alpha,)
+    last_error = None
+    for a in alphas:
+        filtered = options if a is None else _alpha_filter(options, removed_ratio, a)
+        removed = [np.array([_removed(o, budget_count) for o in opts], dtype=np.int64) for opts in filtered]
+        errors = [np.array([o.cost for o in opts], dtype=np.float64) for opts in filtered]
+        try:
+            solution = solve_mckp(removed, errors, required)
+        except InfeasibleBudgetError as exc:
+            last_error = exc
+            continue
+        choices = [opts[i] for opts, i in zip(filtered, solution.choice)]
+        return Allocation(cost=cost, budget_count=budget_count, target_removed_ratio=removed_ratio, alpha=a,
+                          choices=choices, total_cost=solution.total_error, lower_bound=solution.lower_bound,
+                          solve_seconds=time.perf_counter() - start)
+    raise InfeasibleBudgetError(
+        f"cannot remove {removed_ratio:.1%} of the {budget_count} of the targeted layers with this grid "
+        f"(alpha={alpha}): {last_error}. Lower --ratio, add larger removed ratios to --grid, "
+        "or disable the alpha cap") from last_error

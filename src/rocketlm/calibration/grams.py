@@ -1,0 +1,160 @@
+"""Block-by-block forward over calibration windows, accumulating float64 input Grams.
+
+Only one block's activations are alive at a time: the hidden states entering block ``b``
+for every batch are kept (on the calibration device), block ``b`` runs on them with
+forward pre-hooks on its target linears, and its outputs become block ``b + 1``'s inputs.
+Layers that read the same tensor (q/k/v; gate/up) share one Gram.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rocketlm.models.discovery import DecoderStructure
+
+log = logging.getLogger(__name__)
+
+
+class CalibrationError(RuntimeError):
+    """Calibration produced unusable statistics (e.g. a NaN/Inf activation)."""
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class BlockGrams:
+    """Grams of one block: ``grams[group]`` (d_in x d_in float64) and ``group_of[layer]``."""
+
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)
+    group_of: dict[str, str] = field(default_factory=dict)
+    tokens: int = 0
+
+    def gram(self, layer: str) -> torch.Tensor:
+        return self.grams[self.group_of[layer]]
+
+
+class GramAccumulator:
+    """Forward pre-hooks on a block's target linears; owns and removes its hooks.
+
+    Within one forward, modules whose input is the very same tensor share a group; the
+    tensors seen are held until :meth:`end_batch`, so their ids cannot be reused.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.result = BlockGrams()
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def pre_hook(module, args):
+            x = args[0]
+            seen = self._seen.get(id(x))
+            if seen is not None:
+                group = seen[1]
+            else:
+                group = self.result.group_of.get(name, name)
+                self._accumulate(name, group, x)
+                self._seen[id(x)] = (x, group)
+            if self.result.group_of.setdefault(name, group) != group:
+                raise CalibrationError(f"{name}: its input changed grouping between batches")
+        return pre_hook
+
+    def _accumulate(self, name: str, group: str, x: torch.Tensor) -> None:
+        X = x.detach().reshape(-1, x.shape[-1])
+        if not torch.isfinite(X).all():
+            raise CalibrationError(f"non-finite (NaN/Inf) activation at the input of {name}; "
+                                   "the model overflows in this dtype: try --dtype float32")
+        X = X.to(torch.float64)
+        if group not in self.result.grams:
+            self.result.grams[group] = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
+        self.result.grams[group].addmm_(X.T, X)
+
+    def end_batch(self, tokens: int) -> None:
+        self._seen.clear()
+        self.result.tokens += tokens
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def first_block_inputs(model: nn.Module, structure: DecoderStructure, batches: list[torch.Tensor]):
+    """Hidden states entering the first block for every batch, and the keyword arguments each
+    block receives (masks, position embeddings), captured once per batch shape."""
+    first = structure.blocks[0][1]
+    captured: list[torch.Tensor] = []
+
+    def stop(module, args, kwargs):
+        captured.append(args[0] if args else kwargs["hidden_states"])
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def block_kwargs(model: nn.Module, structure: DecoderStructure, ids: torch.Tensor) -> list[dict]:
+    """Keyword arguments every block is called with, for inputs of this shape (one full forward)."""
+    per_block: list[dict] = [dict() for _ in structure.blocks]
+    handles = []
+    for index, (_, block) in enumerate(structure.blocks):
+        def grab(module, args, kwargs, index=index):
+            per_block[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        handles.append(block.register_forward_pre_hook(grab, with_kwargs=True))
+    try:
+        model(input_ids=torch.zeros_like(ids), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return per_block
+
+
+@torch.no_grad()
+def iterate_block_grams(model: nn.Module, structure: DecoderStructure, windows: torch.Tensor,
+                        batch_size: int, skip_blocks: set[int] = frozenset(),
+                        progress=None) -> Iterator[tuple[int, BlockGrams | None]]:
+    """Yield ``(block_index, grams)`` block by block; ``grams`` is None for blocks in ``skip_blocks``
+    (their forward still runs to produce the next block's inputs). Stops after the last needed block."""
+    device = next(model.parameters()).device
+    batches = [windows[i: i + batch_size].to(device) for i in range(0, windows.shape[0], batch_size)]
+    kwargs_by_shape = {}
+    for ids in batches:
+        if ids.shape not in kwargs_by_shape:
+            kwargs_by_shape[ids.shape] = block_kwargs(model, structure, ids)
+    hidden = first_block_inputs(model, structure, batches)
+    modules = dict(model.named_modules())
+    last_needed = max((b for b in range(len(structure.blocks)) if b not in skip_blocks), default=-1)
+    for b, (_, block) in enumerate(structure.blocks[: last_needed + 1]):
+        targets = {name: modules[name] for name in structure.targets[b]}
+        accumulator = GramAccumulator(targets) if (b not in skip_blocks and targets) else None
+        try:
+            for i, ids in enumerate(batches):
+                hidden[i] = _block_output(block(hidden[i], **kwargs_by_shape[ids.shape][b]))
+                if accumulator is not None:
+                    accumulator.end_batch(ids.numel())
+        finally:
+            if accumulator is not None:
+                accumulator.remove()
+        if progress is not None:
+            progress.update(1)
+        yield b, (accumulator.result if accumulator is not None else None)

@@ -1,0 +1,152 @@
+"""One typed, validated configuration object for the Python API, the CLI and the checkpoint.
+
+Ratios are always *removed* fractions (``removed_ratio``): 0.3 means 30% of the
+parameters of the targeted decoder-layer linears are removed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+
+DEFAULT_REMOVED_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 15))  # 0.05 .. 0.70
+DEFAULT_KS = tuple(round(1.0 + 0.1 * i, 1) for i in range(21))  # 1.0 .. 3.0
+
+COSTS = ("weight", "output")  # extended at run time by rocketlm.allocation.costs.register_cost
+BUDGET_COUNTS = ("values", "bytes")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """Candidates profiled for every layer: removed ratio x ks (dictionary size / nonzeros per column)."""
+
+    removed_ratios: tuple[float, ...] = DEFAULT_REMOVED_RATIOS
+    ks: tuple[float, ...] = DEFAULT_KS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "removed_ratios", tuple(sorted(float(r) for r in self.removed_ratios)))
+        object.__setattr__(self, "ks", tuple(sorted(float(k) for k in self.ks)))
+        if not self.removed_ratios or not self.ks:
+            raise ConfigError("grid: removed_ratios and ks must both be non-empty")
+        for r in self.removed_ratios:
+            if not 0.0 < r < 1.0:
+                raise ConfigError(f"grid: removed ratio {r} is outside (0, 1); use e.g. 0.05..0.70")
+        for k in self.ks:
+            if k < 1.0:
+                raise ConfigError(f"grid: ks {k} < 1 (ks = dictionary size / nonzeros per column, so ks >= 1)")
+
+    @classmethod
+    def parse(cls, text: str) -> "GridConfig":
+        """Parse ``"removed=0.05:0.70:0.05;ks=1.0:3.0:0.1"`` (start:stop:step, inclusive) or lists ``"removed=0.1,0.2;ks=1,2"``."""
+        parts = dict(p.split("=", 1) for p in text.replace(" ", "").split(";") if p)
+        unknown = set(parts) - {"removed", "ks"}
+        if unknown or not parts:
+            raise ConfigError(f"--grid {text!r}: expected 'removed=START:STOP:STEP;ks=START:STOP:STEP' (or comma lists)")
+        kwargs = {}
+        if "removed" in parts:
+            kwargs["removed_ratios"] = _parse_values(parts["removed"])
+        if "ks" in parts:
+            kwargs["ks"] = _parse_values(parts["ks"])
+        return cls(**kwargs)
+
+
+def _parse_values(text: str) -> tuple[float, ...]:
+    if ":" in text:
+        start, stop, step = (float(v) for v in text.split(":"))
+        if step <= 0:
+            raise ConfigError(f"grid range {text!r}: step must be > 0")
+        count = int(round((stop - start) / step)) + 1
+        return tuple(round(start + i * step, 6) for i in range(count))
+    return tuple(float(v) for v in text.split(",") if v)
+
+
+@dataclass(frozen=True)
+class RocketConfig:
+    """Everything that determines a compression run (saved verbatim in the checkpoint)."""
+
+    # what to compress and how much
+    model: str = "smollm2-135m"
+    removed_ratio: float = 0.5
+    cost: str = "output"
+    budget_count: str = "values"  # "values" (as in the paper) or "bytes" (values + index structure on disk)
+    alpha: float | str | None = None  # reference's error cap: drop candidates with error > alpha * mean error at
+    # the target ratio; a number >= 1, "auto" (smallest of 1.0, 1.1, ..., 2.0 that stays feasible) or None (off)
+    targets: tuple[str, ...] = ()  # regex patterns over module names; empty = every nn.Linear in the decoder blocks
+    ignore: tuple[str, ...] = ()
+    # calibration
+    calib_files: tuple[str, ...] = ()  # empty = the files in $ROCKETLM_DATA/calib
+    calib_dataset: str | None = None  # HF dataset name (online only)
+    calib_samples: int = 256
+    calib_seq_len: int = 1024
+    calib_batch_size: int = 4
+    seed: int = 2023
+    # profiling / factorization
+    grid: GridConfig = field(default_factory=GridConfig)
+    whitening_eps: float = 7e-6  # added to the Gram spectrum when it is not positive definite (reference value)
+    ridge_rel: float = 1e-9  # dictionary refit ridge, relative to mean diagonal of C C^T (guards atoms with no entry)
+    importance_power: float = 0.5  # importance = |C_ij| * ||S^-1 q_i||^power (reference compression step)
+    profile_dtype: str = "float32"  # dtype of the per-candidate algebra (whitening and SVD are always float64)
+    # runtime
+    device: str = "cpu"
+    save_dtype: str | None = None  # dtype of the saved compressed tensors; None = the model's dtype
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.removed_ratio < 1.0:
+            raise ConfigError(f"removed_ratio={self.removed_ratio}: must be in (0, 1), e.g. 0.2 removes 20% of the parameters")
+        if self.cost not in _known_costs():
+            raise ConfigError(f"cost={self.cost!r}: choose one of {', '.join(_known_costs())}")
+        if self.budget_count not in BUDGET_COUNTS:
+            raise ConfigError(f"budget_count={self.budget_count!r}: choose one of {', '.join(BUDGET_COUNTS)}")
+        if self.alpha is not None and self.alpha != "auto":
+            try:
+                object.__setattr__(self, "alpha", float(self.alpha))
+            except ValueError:
+                raise ConfigError(f"alpha={self.alpha!r}: use a number >= 1, 'auto' or None") from None
+            if self.alpha < 1.0:
+                raise ConfigError(f"alpha={self.alpha}: the error cap factor must be >= 1 (or None to disable)")
+        for name in ("calib_samples", "calib_seq_len", "calib_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.profile_dtype not in ("float32", "float64"):
+            raise ConfigError(f"profile_dtype={self.profile_dtype!r}: choose float32 or float64")
+        if self.save_dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ConfigError(f"save_dtype={self.save_dtype!r}: choose float32, float16 or bfloat16")
+        if isinstance(self.grid, dict):
+            object.__setattr__(self, "grid", GridConfig(**self.grid))
+        for name in ("targets", "ignore", "calib_files"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    def replace(self, **changes: Any) -> "RocketConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RocketConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys {sorted(unknown)}; known keys: {sorted(known)}")
+        data = dict(data)
+        if isinstance(data.get("grid"), dict):
+            data["grid"] = GridConfig(**data["grid"])
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _known_costs() -> tuple[str, ...]:
+    try:
+        from rocketlm.allocation.costs import available_costs
+    except ImportError:  # pragma: no cover - during package bootstrap
+        return COSTS
+    return available_costs()

@@ -1,0 +1,303 @@
+"""Run the zero-shot suite on an in-memory model through lm-eval's HF wrapper."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import platform
+import time
+from typing import Any
+
+from .data import EXPECTED_COUNTS, LOADERS, MissingDataError, resolve_data_dir
+from .tasks import ALL_TASKS, RACE_UNAVAILABLE, TASKS, build_hub, build_local, describe_task, resolve_tasks
+
+logger = logging.getLogger(__name__)
+
+AVERAGE_METRIC = "acc"
+AVERAGE_DOC = ("unweighted mean over the evaluated tasks of 'acc' (the one metric every task has; "
+               "MMLU counts once, with its size-weighted 57-subject acc); unavailable tasks are left out")
+HUB = "hub"
+
+
+class _LogStream(io.TextIOBase):
+    """File-like sink that turns stray ``print`` output of lm-eval into DEBUG log records."""
+
+    def __init__(self, log: logging.Logger):
+        self._log, self._buf = log, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        self._buf += s
+        while "\n" in self._buf:
+            line, self._buf = self._buf.split("\n", 1)
+            if line.strip():
+                self._log.debug("lm-eval: %s", line)
+        return len(s)
+
+    def flush(self) -> None:
+        if self._buf.strip():
+            self._log.debug("lm-eval: %s", self._buf)
+        self._buf = ""
+
+
+class _CustomKwargsFilter(logging.Filter):
+    """Drops lm-eval's per-task hint about ``--metadata`` that ``custom_dataset`` triggers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    task_logger = logging.getLogger("lm_eval.api.task")
+    flt = _CustomKwargsFilter()
+    task_logger.addFilter(flt)
+    old = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"  # bootstrap stderr (LAMBADA perplexity) without a process pool
+    try:
+        with contextlib.redirect_stdout(_LogStream(logger)):
+            yield
+    finally:
+        task_logger.removeFilter(flt)
+        if old is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = old
+
+
+def _make_lm(model, tokenizer, batch_size, progress: bool):
+    from lm_eval.models.huggingface import HFLM
+
+    class _HFLM(HFLM):
+        """HFLM whose model-call progress bars follow ``progress``."""
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not progress)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not progress)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or not progress)
+
+    return _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def _num(x: Any) -> float | None:
+    if x is None or isinstance(x, str):
+        return None
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("rocketlm", "lm_eval", "torch", "transformers", "datasets", "tokenizers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _model_summary(model) -> dict[str, Any]:
+    info: dict[str, Any] = {"class": type(model).__name__}
+    try:
+        info["n_parameters"] = int(sum(p.numel() for p in model.parameters()))
+        info["n_buffer_values"] = int(sum(b.numel() for b in model.buffers()))
+        p = next(model.parameters())
+        info["dtype"], info["device"] = str(p.dtype).replace("torch.", ""), str(p.device)
+    except (StopIteration, AttributeError):
+        pass
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if name:
+        info["name_or_path"] = str(name)
+    return info
+
+
+_SAMPLE_METRICS = {"acc": "acc", "acc_norm": "acc_norm", "perplexity": "loglikelihood"}
+
+
+def _per_example(samples: list[dict[str, Any]], prefix: str = "") -> dict[str, list]:
+    """Per-document values in document order: 0/1 for acc metrics, log-likelihood for LAMBADA."""
+    samples = sorted(samples, key=lambda s: s["doc_id"])
+    out: dict[str, list] = {"doc_id": [f"{prefix}{s['doc_id']}" if prefix else s["doc_id"] for s in samples]}
+    for metric, key in _SAMPLE_METRICS.items():
+        if samples and metric in samples[0]:
+            vals = [s[metric] for s in samples]
+            out[key] = [int(round(float(v))) for v in vals] if metric.startswith("acc") else [float(v) for v in vals]
+    return out
+
+
+def _leaf_metrics(r: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for metric in ("acc", "acc_norm", "perplexity"):
+        if f"{metric},none" in r:
+            out[metric] = _num(r[f"{metric},none"])
+            out[f"{metric}_stderr"] = _num(r.get(f"{metric}_stderr,none"))
+    return out
+
+
+def _convert(name: str, res: dict[str, Any], built: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval's result dict -> this module's per-task entry."""
+    results, nsamp, samples = res["results"], res.get("n-samples", {}), res.get("samples") or {}
+    groups = built.get("groups") or {}
+    if name in groups:  # MMLU (or a hub group): the group aggregate plus its leaves
+        g = res.get("groups", {}).get(name) or results[name]
+        entry = _leaf_metrics(g)
+        leaves = sorted(built["tasks"])
+        entry["n"] = int(sum(nsamp[t]["effective"] for t in leaves))
+        entry["n_total"] = int(sum(nsamp[t]["original"] for t in leaves))
+        entry["subtasks"] = {t.removeprefix(f"{name}_"): {**_leaf_metrics(results[t]), "n": nsamp[t]["effective"]}
+                             for t in leaves}
+        entry["groups"] = {}
+        for gname in groups:
+            if gname != name:
+                gr = res.get("groups", {}).get(gname) or results.get(gname, {})
+                entry["groups"][gname.removeprefix(f"{name}_")] = {**_leaf_metrics(gr), "n": gr.get("sample_len")}
+        per: dict[str, list] = {}
+        for t in leaves:
+            part = _per_example(samples.get(t, []), prefix=f"{t.removeprefix(f'{name}_')}:")
+            for k, v in part.items():
+                per.setdefault(k, []).extend(v)
+        entry["per_example"] = per
+        return entry
+    (leaf,) = built["tasks"]
+    entry = _leaf_metrics(results[leaf])
+    entry["n"] = int(nsamp[leaf]["effective"])
+    entry["n_total"] = int(nsamp[leaf]["original"])
+    entry["per_example"] = _per_example(samples.get(leaf, []))
+    return entry
+
+
+def _average(tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    names = [t for t, e in tasks.items() if e.get("acc") is not None]
+    acc = [tasks[t]["acc"] for t in names]
+    alt = [tasks[t]["acc_norm"] if tasks[t].get("acc_norm") is not None else tasks[t]["acc"] for t in names]
+    return {
+        "metric": AVERAGE_METRIC,
+        "value": sum(acc) / len(acc) if acc else None,
+        "tasks": names,
+        "definition": AVERAGE_DOC,
+        "alternatives": {"acc_norm_else_acc": sum(alt) / len(alt) if alt else None},
+    }
+
+
+def evaluate_zeroshot(model, tokenizer, tasks: list[str] | str, *, data_dir: str | None = None,
+                      limit: int | None = None, batch_size: int | str = 8, device: str | None = None,
+                      progress: bool = True, bootstrap_iters: int = 1000,
+                      model_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Zero-shot accuracy of an in-memory causal LM on the lm-eval task suite.
+
+    ``model`` is evaluated as it is in memory (custom compact modules included) through
+    ``lm_eval.models.huggingface.HFLM(pretrained=model, tokenizer=tokenizer)``; it is never
+    saved, reloaded or densified. ``tasks``: task names or a spec for :func:`resolve_tasks`
+    (``"paper"``, ``"all"``, ``"piqa,mmlu"``). ``data_dir``: data root holding
+    ``zeroshot/<task>/`` (default ``$ROCKETLM_DATA``), or ``"hub"`` for the standard hub
+    datasets (needs internet). ``limit``: first N documents per task (per subject for MMLU,
+    as lm-eval's ``--limit``). ``device``: the model is moved there for the run and moved
+    back afterwards (None: evaluate where it is). ``bootstrap_iters`` only affects the
+    stderr of LAMBADA's perplexity (the accuracies have closed-form stderrs).
+    ``model_info`` (e.g. the checkpoint's achieved ratio) is copied into ``result["model"]``.
+
+    Returns ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", ...,
+    "per_example": {"doc_id": [...], "acc": [0/1...], ...}}}, "unavailable": {...},
+    "average": {"metric": "acc", "value": ..., "tasks": [...]}, "versions": {...},
+    "limit": ..., "config": {...}, "model": {...}}``.
+    """
+    names = resolve_tasks(tasks if isinstance(tasks, str) else ",".join(tasks))
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit={limit!r}: must be a positive integer (documents per task) or None for all")
+    if isinstance(batch_size, int) and batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+
+    hub = isinstance(data_dir, str) and data_dir.strip().lower() == HUB
+    unavailable: dict[str, str] = {}
+    docs: dict[str, list[dict[str, Any]]] = {}
+    source = HUB
+    if not hub:
+        zdir = resolve_data_dir(data_dir)
+        source = str(zdir)
+        for name in names:  # parse everything first: a missing file fails before any model work
+            if not TASKS[name].local:
+                unavailable[name] = RACE_UNAVAILABLE
+                continue
+            docs[name] = LOADERS[name](zdir)
+            expected = EXPECTED_COUNTS.get(name)
+            if expected is not None and len(docs[name]) != expected:
+                logger.warning("%s: %d documents in %s, the published count is %d",
+                               name, len(docs[name]), zdir, expected)
+    run_names = [n for n in names if n not in unavailable]
+    if not run_names:
+        raise MissingDataError(f"none of the requested tasks ({', '.join(names)}) can be evaluated: "
+                               + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
+
+    from lm_eval.evaluator import evaluate
+
+    moved_from = None
+    was_training = getattr(model, "training", False)
+    if device is not None:
+        import torch
+        target = torch.device(device)
+        current = next(model.parameters()).device
+        if current != target:
+            moved_from = current
+            model.to(target)
+    model.eval()
+    out_tasks: dict[str, dict[str, Any]] = {}
+    lm_versions: dict[str, Any] = {}
+    try:
+        with _quiet_lm_eval():
+            lm = _make_lm(model, tokenizer, batch_size, progress)
+        for name in run_names:
+            t0 = time.perf_counter()
+            with _quiet_lm_eval():
+                built = build_hub(name) if hub else build_local(name, docs[name])
+                res = evaluate(lm, built, limit=limit, log_samples=True, bootstrap_iters=bootstrap_iters)
+            wall = time.perf_counter() - t0
+            entry = _convert(name, res, built)
+            entry["wall_time_s"] = round(wall, 3)
+            entry["note"] = "" if hub else TASKS[name].note
+            entry["source"] = "hub" if hub else "local"
+            out_tasks[name] = entry
+            lm_versions.update({k: v for k, v in (res.get("versions") or {}).items()
+                                if k == name or not k.startswith(f"{name}_")})
+            logger.info("zero-shot %s: acc=%.4f%s n=%d (%.1fs)", name, entry.get("acc") or float("nan"),
+                        f" acc_norm={entry['acc_norm']:.4f}" if entry.get("acc_norm") is not None else "",
+                        entry["n"], wall)
+    finally:
+        if moved_from is not None:
+            model.to(moved_from)
+        if was_training:
+            model.train()
+
+    return {
+        "tasks": out_tasks,
+        "unavailable": unavailable,
+        "average": _average(out_tasks),
+        "limit": limit,
+        "config": {
+            "tasks": names,
+            "data": source,
+            "limit": limit,
+            "limit_semantics": "first N documents of each task (of each MMLU subject)",
+            "batch_size": batch_size,
+            "device": device if device is not None else _model_summary(model).get("device"),
+            "num_fewshot": 0,
+            "average_metric": AVERAGE_METRIC,
+            "bootstrap_iters": bootstrap_iters,
+            "task_definitions": {n: describe_task(n, source=("hub" if hub else "local")) for n in run_names},
+        },
+        "model": {**_model_summary(model), **(model_info or {})},
+        "versions": {**_versions(), "lm_eval_tasks": {k: _num(v) if not isinstance(v, str) else v
+                                                      for k, v in lm_versions.items()}},
+    }
+
+
+__all__ = ["evaluate_zeroshot", "AVERAGE_METRIC", "AVERAGE_DOC", "ALL_TASKS"]

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny randomly initialised causal LMs built from configs, and an
+offline tokenizer trained on the fly (no hub access needed)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY_COMMON = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # GQA
+    max_position_embeddings=256,
+)
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
+
+
+def make_tiny_config(arch: str):
+    from transformers import (Gemma3TextConfig, LlamaConfig, MistralConfig,
+                              Qwen2Config, Qwen3Config)
+    if arch == "llama":
+        return LlamaConfig(**TINY_COMMON)
+    if arch == "qwen2":
+        return Qwen2Config(**TINY_COMMON)
+    if arch == "qwen3":
+        return Qwen3Config(**TINY_COMMON, head_dim=16)
+    if arch == "mistral":
+        return MistralConfig(**TINY_COMMON, sliding_window=None)
+    if arch == "gemma3":
+        return Gemma3TextConfig(**TINY_COMMON, head_dim=16, sliding_window=32,
+                                layer_types=["sliding_attention", "full_attention"])
+    raise ValueError(arch)
+
+
+def make_tiny_model(arch: str = "llama", seed: int = 0):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(make_tiny_config(arch))
+    return model.eval()
+
+
+_TOKENIZER = None
+
+
+def make_tiny_tokenizer():
+    """A word-level tokenizer over a fixed vocabulary (fast, offline, deterministic)."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+        tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        trainer = trainers.WordLevelTrainer(vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"])
+        words = [f"w{i}" for i in range(400)] + list("abcdefghijklmnopqrstuvwxyz.,?!:;'\"()0123456789")
+        text = [" ".join(words)] + ["the quick brown fox jumps over the lazy dog"]
+        tok.train_from_iterator(text, trainer)
+        _TOKENIZER = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                             eos_token="</s>", pad_token="</s>")
+    return _TOKENIZER
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(params=ARCHS)
+def tiny_arch(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_model("llama")
