@@ -18,15 +18,29 @@ Algorithm (exact, budget kept in exact integers -- no bucketing of the budget)
    slope gives the LP optimum (a lower bound) and, rounding the fractional
    segment up / down-and-repair, plus a slack-reducing local search, a
    feasible incumbent (upper bound).
-3. Exact dynamic programme over the groups keeping the Pareto frontier of
-   partial states ``(removed_so_far capped at the budget, error_so_far)`` with
-   parent pointers.  A state is pruned when the remaining groups cannot reach
-   the budget, or when ``error_so_far + LP_bound(remaining groups, missing)``
-   exceeds the incumbent (with a small tolerance so an optimum is never
-   pruned).  The LP bound of every suffix of groups is a convex piecewise
-   linear function of the missing amount evaluated with ``np.interp``.
-   Candidate generation is chunked so memory stays bounded by the (exact)
-   frontier itself; its size is logged at debug level (warning when large).
+3. Reduced-cost fixing: with the LP multiplier ``lam`` every solution has
+   ``error >= LB + sum_l rc_l`` where ``rc_l = (e - lam*r) - min(e - lam*r)``
+   of the chosen option, so a solution with error <= T only uses options with
+   ``rc <= T - LB``; on realistic instances almost every group keeps a
+   single option.
+4. Exact dynamic programme over the remaining multi-option groups keeping the
+   Pareto frontier of partial states ``(removed_so_far capped at the budget,
+   error_so_far)`` with parent pointers.  A state is pruned when the remaining
+   groups cannot reach the budget, or when
+   ``error_so_far + LP_bound(remaining groups, missing) > T`` (plus a small
+   tolerance so an optimum is never pruned).  The LP bound of every suffix of
+   groups is a convex piecewise-linear function of the missing amount
+   evaluated with ``np.interp``.
+5. Threshold deepening: T runs through ``LB + gap/256, gap/64, gap/16, gap/4``
+   and finally the incumbent.  A DP pruned at T that ends with any state has
+   found the optimum (its value is <= T, so the optimal path was never
+   pruned); the last pass always succeeds because the incumbent survives.
+
+Candidate generation is chunked and Pareto-compressed on the fly, so memory
+is bounded by the (exact) frontier itself; its size is logged at debug level,
+a warning is logged when it gets large and FrontierLimitError is raised past
+``max_states`` (only reachable on pathological instances whose errors are
+exactly proportional to the removed counts, i.e. subset-sum).
 """
 
 from __future__ import annotations
@@ -46,12 +60,17 @@ __all__ = [
     "solve_mckp",
     "brute_force_mckp",
     "lp_lower_bound",
+    "FrontierLimitError",
+    "DEFAULT_MAX_STATES",
 ]
 
 # Maximum number of (state, option) candidates materialised at once per DP step.
 _CANDIDATE_CHUNK = 1 << 20
 # Frontier size above which a warning is logged (the solver stays exact).
-_FRONTIER_WARN = 2_000_000
+_FRONTIER_WARN = 1_000_000
+# Default hard limit on the number of DP states stored over all groups (parent
+# pointers, 8 bytes each); realistic instances stay below ~1e6.
+DEFAULT_MAX_STATES = 10_000_000
 # Relative tolerance used when pruning against the incumbent.
 _REL_TOL = 1e-9
 # Threshold-deepening fractions of the (incumbent - LP bound) gap tried before the incumbent.
@@ -67,8 +86,8 @@ class KnapsackSolution:
     total_removed: int
     required_removed: int
     lower_bound: float  # LP-relaxation bound (for reporting the gap)
-    frontier_max: int = 0  # largest DP frontier (diagnostics)
-    frontier_total: int = 0  # sum of DP frontier sizes over groups (diagnostics)
+    frontier_max: int = 0  # largest DP frontier of the successful DP pass (diagnostics)
+    frontier_total: int = 0  # sum of its frontier sizes over groups (diagnostics)
 
     @property
     def gap(self) -> float:
@@ -91,6 +110,10 @@ class InfeasibleBudgetError(ValueError):
             f"removed ratio (add more aggressive options) or lower the compression target "
             f"to at most {self.max_removed} removed parameters."
         )
+
+
+class FrontierLimitError(RuntimeError):
+    """The exact DP outgrew ``max_states`` stored states (no approximate answer is returned)."""
 
 
 # ----------------------------------------------------------------------------
@@ -351,7 +374,36 @@ def _group_order(prep: _Prepared) -> np.ndarray:
     return multi[np.argsort(-rng, kind="stable")].astype(np.int64)
 
 
-def _dp(prep: _Prepared, thresh: float) -> "Tuple[np.ndarray, List[int]] | None":
+def _pareto_merge(acc_r, acc_e, acc_f, pending):
+    """Non-dominated states of ``acc`` plus the ``pending`` chunks, sorted by removed ascending.
+
+    A state is kept when every state removing at least as much has a strictly larger error.
+    """
+    cr = np.concatenate([acc_r] + [p[0] for p in pending])
+    ce = np.concatenate([acc_e] + [p[1] for p in pending])
+    cf = np.concatenate([acc_f] + [p[2] for p in pending])
+    if cr.size <= 1:
+        return cr, ce, cf
+    po = np.lexsort((ce, -cr))  # removed descending, error ascending
+    ce_s = ce[po]
+    keep = np.empty(po.size, dtype=bool)
+    keep[0] = True
+    keep[1:] = ce_s[1:] < np.minimum.accumulate(ce_s)[:-1]
+    sel = po[keep][::-1]
+    return cr[sel], ce[sel], cf[sel]
+
+
+def _check_limit(frontier: int, stored: int, k: int, L: int, max_states: int) -> None:
+    if stored > max_states:
+        raise FrontierLimitError(
+            f"exact MCKP DP needs more than max_states={max_states} stored states (frontier of "
+            f"{frontier} states at group {k + 1}/{L}). This happens when errors are (almost) exactly "
+            "proportional to the removed counts, which turns the problem into subset-sum; raise "
+            "max_states if the memory is available (about 8 bytes per stored state)."
+        )
+
+
+def _dp(prep: _Prepared, thresh: float, max_states: int) -> "Tuple[np.ndarray, List[int]] | None":
     """Pareto-frontier DP pruned at ``thresh``.
 
     Returns the staircase position per group of a minimum-error solution among
@@ -377,10 +429,11 @@ def _dp(prep: _Prepared, thresh: float) -> "Tuple[np.ndarray, List[int]] | None"
 
     fr = np.array([min(int(prep.base_r[fixed].sum()), cap)], dtype=np.int64)
     fe = np.array([float(prep.base_e[fixed].sum())], dtype=np.float64)
-    if L == 0 and fr[0] < cap:
+    if L == 0 and (fr[0] < cap or fe[0] > thresh):
         return None
     history: List[np.ndarray] = []  # per step: flat index (parent * m + option) of each state
     sizes: List[int] = []
+    stored = 0
     warned = False
     for k in range(L):
         g = int(order[k])
@@ -394,7 +447,11 @@ def _dp(prep: _Prepared, thresh: float) -> "Tuple[np.ndarray, List[int]] | None"
         xf = x.astype(np.float64)
 
         rows = max(1, _CANDIDATE_CHUNK // m)
-        parts_r, parts_e, parts_f = [], [], []
+        acc_r = np.zeros(0, np.int64)
+        acc_e = np.zeros(0, np.float64)
+        acc_f = np.zeros(0, np.int64)
+        pending: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        n_pending = 0
         for s in range(0, fr.size, rows):
             cr = fr[s : s + rows, None] + pr[None, :]
             np.minimum(cr, cap, out=cr)
@@ -403,31 +460,25 @@ def _dp(prep: _Prepared, thresh: float) -> "Tuple[np.ndarray, List[int]] | None"
             ok = d <= d_max
             ok &= ce + np.interp(d.astype(np.float64), xf, y) <= thresh
             flat = np.flatnonzero(ok.ravel())
-            parts_r.append(cr.ravel()[flat])
-            parts_e.append(ce.ravel()[flat])
-            parts_f.append(flat + s * m)
-        cr = np.concatenate(parts_r)
-        if cr.size == 0:
+            pending.append((cr.ravel()[flat], ce.ravel()[flat], flat + s * m))
+            n_pending += flat.size
+            if n_pending > 4 * _CANDIDATE_CHUNK:  # keep memory bounded: compress as we go
+                acc_r, acc_e, acc_f = _pareto_merge(acc_r, acc_e, acc_f, pending)
+                pending, n_pending = [], 0
+                _check_limit(acc_r.size, stored + acc_r.size, k, L, max_states)
+        fr, fe, cf = _pareto_merge(acc_r, acc_e, acc_f, pending)
+        if fr.size == 0:
             logger.debug("MCKP DP at threshold %.9g: all states pruned at group %d/%d", thresh, k + 1, L)
             return None
-        ce = np.concatenate(parts_e)
-        cf = np.concatenate(parts_f)
-        # Pareto filter: removed descending, error ascending; keep strict error improvements.
-        po = np.lexsort((ce, -cr))
-        ce_s = ce[po]
-        keep = np.empty(po.size, dtype=bool)
-        keep[0] = True
-        if po.size > 1:
-            keep[1:] = ce_s[1:] < np.minimum.accumulate(ce_s)[:-1]
-        sel = po[keep][::-1]  # removed ascending
-        fr, fe = cr[sel], ce[sel]
-        history.append(cf[sel])
+        stored += fr.size
+        _check_limit(fr.size, stored, k, L, max_states)
+        history.append(cf)
         sizes.append(int(fr.size))
         if not warned and fr.size > _FRONTIER_WARN:
             warned = True
             logger.warning(
-                "MCKP frontier has %d states at group %d/%d (solve stays exact; ~%.0f MB)",
-                fr.size, k + 1, L, fr.size * 24 / 2**20,
+                "MCKP frontier has %d states at group %d/%d (solve stays exact; %d states stored)",
+                fr.size, k + 1, L, stored,
             )
 
     pos = np.zeros(prep.n_groups, dtype=np.int64)
@@ -450,12 +501,18 @@ def _dp(prep: _Prepared, thresh: float) -> "Tuple[np.ndarray, List[int]] | None"
 
 
 def solve_mckp(
-    removed: Sequence[np.ndarray], error: Sequence[np.ndarray], required_removed: int
+    removed: Sequence[np.ndarray],
+    error: Sequence[np.ndarray],
+    required_removed: int,
+    *,
+    max_states: int = DEFAULT_MAX_STATES,
 ) -> KnapsackSolution:
     """Exactly solve ``min sum error  s.t.  sum removed >= required_removed`` (one option per group).
 
     Raises InfeasibleBudgetError when even the most aggressive option of every
-    group does not remove ``required_removed`` parameters.
+    group does not remove ``required_removed`` parameters, and
+    FrontierLimitError when the exact DP would store more than ``max_states``
+    states in total (pathological near-linear instances; realistic ones stay far below).
     """
     required = int(required_removed)
     rs, es = _validate(removed, error)
@@ -487,7 +544,7 @@ def solve_mckp(
         sub = full.subset(rc <= thresh - lb + tol)
         if sub.max_removed() < full.cap:
             continue
-        res = _dp(sub, thresh)
+        res = _dp(sub, thresh, int(max_states))
         if res is None:
             continue
         pos, sizes = res

@@ -44,29 +44,35 @@ class _LogStream(io.TextIOBase):
         self._buf = ""
 
 
-class _CustomKwargsFilter(logging.Filter):
-    """Drops lm-eval's per-task hint about ``--metadata`` that ``custom_dataset`` triggers."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
-
-
 @contextlib.contextmanager
 def _quiet_lm_eval():
-    task_logger = logging.getLogger("lm_eval.api.task")
-    flt = _CustomKwargsFilter()
-    task_logger.addFilter(flt)
     old = os.environ.get("DISABLE_MULTIPROC")
     os.environ["DISABLE_MULTIPROC"] = "1"  # bootstrap stderr (LAMBADA perplexity) without a process pool
     try:
         with contextlib.redirect_stdout(_LogStream(logger)):
             yield
     finally:
-        task_logger.removeFilter(flt)
         if old is None:
             os.environ.pop("DISABLE_MULTIPROC", None)
         else:
             os.environ["DISABLE_MULTIPROC"] = old
+
+
+def _require_lm_eval() -> None:
+    """Clear error when lm-eval is missing or older than the API this module uses."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("zero-shot evaluation needs lm-evaluation-harness: pip install 'rocketlm[eval]' "
+                          "(or pip install 'lm-eval>=0.4.13')") from exc
+    try:
+        from lm_eval.api.group import Group  # noqa: F401
+        from lm_eval.config.group import GroupConfig  # noqa: F401
+        from lm_eval.models.huggingface import HFLM  # noqa: F401
+    except ImportError as exc:
+        from importlib.metadata import version
+        raise ImportError(f"lm-eval {version('lm_eval')} is too old for rocketlm's zero-shot suite "
+                          f"(needs the 0.4.13 task/group API): pip install -U 'lm-eval>=0.4.13'") from exc
 
 
 def _make_lm(model, tokenizer, batch_size, progress: bool):
@@ -238,6 +244,7 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str] | str, *, data_dir: str
         raise MissingDataError(f"none of the requested tasks ({', '.join(names)}) can be evaluated: "
                                + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
 
+    _require_lm_eval()
     from lm_eval.evaluator import evaluate
 
     moved_from = None
@@ -268,7 +275,8 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str] | str, *, data_dir: str
             out_tasks[name] = entry
             lm_versions.update({k: v for k, v in (res.get("versions") or {}).items()
                                 if k == name or not k.startswith(f"{name}_")})
-            logger.info("zero-shot %s: acc=%.4f%s n=%d (%.1fs)", name, entry.get("acc") or float("nan"),
+            acc = entry.get("acc")
+            logger.info("zero-shot %s: acc=%.4f%s n=%d (%.1fs)", name, float("nan") if acc is None else acc,
                         f" acc_norm={entry['acc_norm']:.4f}" if entry.get("acc_norm") is not None else "",
                         entry["n"], wall)
     finally:

@@ -10,6 +10,8 @@ Only this module and :mod:`.runner` import lm-eval, and only inside functions.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -74,16 +76,19 @@ def hellaswag_preprocess(text: str) -> str:
     return text
 
 
-def hellaswag_process_docs(dataset):
-    def _process_doc(doc):
-        ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-        return {
-            "query": hellaswag_preprocess(doc["activity_label"] + ": " + ctx),
-            "choices": [hellaswag_preprocess(ending) for ending in doc["endings"]],
-            "gold": int(doc["label"]),
-        }
+def hellaswag_process_doc(doc):
+    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    return {
+        "query": hellaswag_preprocess(doc["activity_label"] + ": " + ctx),
+        "choices": [hellaswag_preprocess(ending) for ending in doc["endings"]],
+        "gold": int(doc["label"]),
+    }
 
-    return dataset.map(_process_doc)
+
+def hellaswag_process_docs(docs: list[dict]) -> list[dict]:
+    """lm-eval's ``process_docs`` for HellaSwag, applied to a list once (instead of a
+    ``Dataset.map`` that lm-eval repeats on every access of the split)."""
+    return [{**doc, **hellaswag_process_doc(doc)} for doc in docs]
 
 
 def winogrande_doc_to_text(doc):
@@ -125,6 +130,7 @@ class TaskSpec:
     note: str = ""  # deviation of the local copy from the standard task ("" = none)
     hub: dict[str, Any] = field(default_factory=dict)  # dataset_path/name of the standard task
     local: bool = True  # False: no local copy exists (RACE)
+    prepare: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None  # = standard process_docs
 
     @property
     def expected_count(self) -> int | None:
@@ -144,9 +150,9 @@ TASKS: dict[str, TaskSpec] = {
         "piqa/piqa.yaml", ("acc", "acc_norm"), hub={"dataset_path": "baber/piqa"}),
     "hellaswag": TaskSpec(
         "hellaswag", "validation",
-        dict(_MC, process_docs=hellaswag_process_docs, doc_to_text="{{query}}", doc_to_target="{{label}}",
+        dict(_MC, doc_to_text="{{query}}", doc_to_target="{{label}}",
              doc_to_choice="choices", metric_list=[ACC, ACC_NORM], metadata={"version": 1.0}),
-        "hellaswag/hellaswag.yaml", ("acc", "acc_norm"),
+        "hellaswag/hellaswag.yaml", ("acc", "acc_norm"), prepare=hellaswag_process_docs,
         note=("local copy lost the ctx_a/ctx_b split: the standard prompt capitalises ctx_b, "
               "here the context is used as stored (prompts close to, not byte-identical with, "
               "the standard harness)"),
@@ -211,6 +217,8 @@ def describe_task(name: str, *, source: str) -> dict[str, Any]:
     spec = TASKS[name]
     cfg = {k: _describe(v) for k, v in spec.config.items() if k != "metadata"}
     cfg["metric_list"] = [m["metric"] for m in spec.config.get("metric_list", [])]
+    if spec.prepare is not None:
+        cfg["process_docs"] = _describe(spec.prepare)
     out = {"standard_task": f"lm_eval/tasks/{spec.standard_yaml}", "split": spec.split,
            "num_fewshot": 0, "source": source, **cfg}
     if name == "mmlu":
@@ -223,6 +231,24 @@ def describe_task(name: str, *, source: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- lm-eval glue
+
+class _CustomKwargsFilter(logging.Filter):
+    """Drops lm-eval's per-task hint about ``--metadata`` that any ``custom_dataset`` triggers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_custom_dataset_hint():
+    task_logger = logging.getLogger("lm_eval.api.task")
+    flt = _CustomKwargsFilter()
+    task_logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        task_logger.removeFilter(flt)
+
 
 def _dataset_factory(split: str, docs: list[dict[str, Any]]) -> Callable[..., Any]:
     def custom_dataset(**_kwargs):
@@ -242,13 +268,16 @@ def make_local_task(name: str, docs: list[dict[str, Any]], *, lm_eval_name: str 
     from lm_eval.api.task import ConfigurableTask
 
     spec = TASKS[name]
+    if spec.prepare is not None:
+        docs = spec.prepare(docs)
     cfg = dict(spec.config)
     cfg["metric_list"] = [dict(m) for m in cfg["metric_list"]]
     cfg["metadata"] = dict(cfg.get("metadata", {}), source="rocketlm-local")
     cfg.update(_split_keys(spec.split))
     cfg.update(task=lm_eval_name or name, custom_dataset=_dataset_factory(spec.split, docs),
                num_fewshot=0, **(extra or {}))
-    task = ConfigurableTask(config=cfg)
+    with _no_custom_dataset_hint():
+        task = ConfigurableTask(config=cfg)
     task.set_config(key="num_fewshot", value=0)
     return task
 

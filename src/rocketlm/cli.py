@@ -1,0 +1,216 @@
+"""Command-line interface: argument parsing and printing only; the work is in the library verbs."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rocketlm.config import ConfigError, GridConfig, RocketConfig
+
+log = logging.getLogger("rocketlm")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--data", default=None, help="data directory (default: $ROCKETLM_DATA)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+
+
+def _compress_parser(sub) -> None:
+    d = RocketConfig()
+    p = sub.add_parser("compress", help="compress a model with ROCKET and save a compact checkpoint",
+                       argument_default=None)
+    p.add_argument("model", help="HF hub id, local model directory, .gguf file, or preset (smollm2-135m)")
+    p.add_argument("--ratio", type=float, help="fraction of the targeted parameters to REMOVE, e.g. 0.5 (required)")
+    p.add_argument("--cost", help=f"allocation cost: weight (ROCKET), output (ROCKET-ActCost), ... (default {d.cost})")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--budget-count", choices=("values", "bytes"),
+                   help="count the budget in stored values (paper, default) or bytes on disk incl. the index bitmap")
+    p.add_argument("--alpha", help="reference error cap: a factor >= 1 or 'auto' (default: off)")
+    p.add_argument("--targets", nargs="*", help="regexes of linear layer names to compress (default: all in decoder blocks)")
+    p.add_argument("--ignore", nargs="*", help="regexes of linear layer names to leave dense")
+    p.add_argument("--calib", nargs="*", help="calibration .txt/.jsonl files (default: $ROCKETLM_DATA/calib/*)")
+    p.add_argument("--calib-dataset", help="HF dataset with a 'text' column (needs network)")
+    p.add_argument("--calib-samples", type=int, help=f"calibration windows (default {d.calib_samples})")
+    p.add_argument("--seq-len", type=int, help=f"calibration window length in tokens (default {d.calib_seq_len})")
+    p.add_argument("--calib-batch-size", type=int, help=f"windows per forward (default {d.calib_batch_size})")
+    p.add_argument("--seed", type=int, help=f"calibration sampling seed (default {d.seed})")
+    p.add_argument("--grid", help="candidate grid, e.g. 'removed=0.05:0.70:0.05;ks=1.0:3.0:0.5' (default: the reference grid)")
+    p.add_argument("--profile-dtype", choices=("float32", "float64"), help="dtype of the per-candidate algebra")
+    p.add_argument("--dtype", help="dtype to load the model in (default: the checkpoint's)")
+    p.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"), help="dtype of the saved tensors")
+    p.add_argument("--cache-dir", help="where Grams and profiles are cached (default: $ROCKETLM_CACHE or ~/.cache/rocketlm)")
+    p.add_argument("--config", help="JSON file with a RocketConfig; flags given on the command line override it")
+    _add_common(p)
+
+
+def _ppl_parser(sub) -> None:
+    p = sub.add_parser("ppl", help="WikiText-2 perplexity of a dense model or a compressed checkpoint")
+    p.add_argument("model", help="checkpoint directory, HF id, model directory, .gguf file, or preset")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    _add_common(p)
+
+
+def _info_parser(sub) -> None:
+    p = sub.add_parser("info", help="achieved ratio, bytes on disk and per-layer allocation of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--layers", action="store_true", help="print the per-layer allocation table")
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a re-densified standard HF checkpoint (W_hat = U V) for other runtimes")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rocketlm", description="Training-free LLM compression with ROCKET")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _compress_parser(sub)
+    _ppl_parser(sub)
+    _info_parser(sub)
+    _export_parser(sub)
+    try:
+        from rocketlm.evaluation.zeroshot.cli import add_eval_parser
+    except ImportError:  # lm-eval not installed: `rocketlm eval` says how to get it
+        def add_eval_parser(sub):
+            p = sub.add_parser("eval", help="zero-shot accuracy (needs: pip install 'rocketlm[eval]')")
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+    add_eval_parser(sub)
+    return parser
+
+
+_FLAG_TO_FIELD = {"ratio": "removed_ratio", "cost": "cost", "budget_count": "budget_count", "alpha": "alpha",
+                  "targets": "targets", "ignore": "ignore", "calib": "calib_files", "calib_dataset": "calib_dataset",
+                  "calib_samples": "calib_samples", "seq_len": "calib_seq_len", "calib_batch_size": "calib_batch_size",
+                  "seed": "seed", "profile_dtype": "profile_dtype", "device": "device", "save_dtype": "save_dtype"}
+
+
+def _config_from_args(args: argparse.Namespace) -> RocketConfig:
+    """The config file (if any), overridden by the flags given; ``--ratio`` must come from one of them."""
+    base = RocketConfig.from_dict(json.loads(Path(args.config).read_text())) if args.config else None
+    values = {field: getattr(args, flag) for flag, field in _FLAG_TO_FIELD.items() if getattr(args, flag) is not None}
+    values["model"] = args.model
+    if args.grid:
+        values["grid"] = GridConfig.parse(args.grid)
+    if base is None:
+        if "removed_ratio" not in values:
+            raise ConfigError("--ratio is required (the fraction of parameters to remove, e.g. --ratio 0.5)")
+        return RocketConfig(**values)
+    return base.replace(**values)
+
+
+def _cmd_compress(args) -> int:
+    from rocketlm.checkpoint.io import save_compressed
+    from rocketlm.models.loading import load_model
+    from rocketlm.pipeline import compress
+
+    config = _config_from_args(args)
+    model, tokenizer = load_model(config.model, device=config.device, dtype=args.dtype)
+    result = compress(model, tokenizer, config, cache_dir=args.cache_dir, data_dir=args.data, progress=not args.quiet)
+    manifest = save_compressed(result, args.out)
+    _print_summary(manifest)
+    return 0
+
+
+def _print_summary(manifest: dict) -> None:
+    alloc = manifest["allocation"]
+    on_disk, dense = manifest["weights_file"]["bytes"], manifest["dense_weights_bytes"]
+    cfg = manifest["config"]
+    print(f"cost {alloc['cost']}, budget in {alloc['budget_count']}: removed "
+          f"{100 * alloc['achieved_removed_ratio']:.2f}% of the targeted parameters (target {100 * cfg['removed_ratio']:.2f}%), "
+          f"{100 * alloc['achieved_removed_bytes_ratio']:.2f}% of their bytes")
+    n_dense = sum(c["dense"] for c in alloc["choices"])
+    print(f"layers: {len(alloc['choices'])} targeted, {n_dense} left dense; summed cost {alloc['total_cost']:.4f}")
+    print(f"model.safetensors: {on_disk / 1e6:.1f} MB vs dense {dense / 1e6:.1f} MB ({100 * on_disk / dense:.1f}%)")
+    for name, st in manifest.get("stages", {}).items():
+        print(f"  {name:<12} {st['seconds']:8.1f} s   peak RSS {st['peak_rss_bytes'] / 2**30:.2f} GiB")
+
+
+def _load_any(model: str, device: str | None):
+    from rocketlm.checkpoint.io import is_checkpoint, load_compressed
+    from rocketlm.models.loading import load_model
+    device = device or "cpu"
+    if is_checkpoint(model):
+        return load_compressed(model, device=device)
+    return load_model(model, device=device)
+
+
+def _cmd_ppl(args) -> int:
+    from rocketlm.evaluation.perplexity import perplexity, token_windows, wikitext2_text
+
+    model, tokenizer = _load_any(args.model, args.device or "cpu")
+    windows = token_windows(tokenizer, wikitext2_text(args.data), args.seq_len)
+    result = perplexity(model, windows, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet)
+    print(f"WikiText-2 perplexity of {args.model}: {result.perplexity:.3f} "
+          f"({result.windows}/{result.total_windows} windows of {result.seq_len} tokens, {result.seconds:.0f} s)")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"model": args.model, **result.to_json()}, indent=2))
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from rocketlm.checkpoint.io import read_manifest
+    manifest = read_manifest(args.checkpoint)
+    _print_summary(manifest)
+    if args.layers:
+        print(f"{'layer':<45} {'removed':>8} {'ks':>5} {'k':>5} {'s':>5} {'kept':>10} {'err_w':>8} {'err_out':>8}")
+        for c in manifest["allocation"]["choices"]:
+            removed = 1 - c["kept_values"] / c["dense_values"]
+            ks = "dense" if c["dense"] else f"{c['ks']:.1f}"
+            print(f"{c['name']:<45} {removed:>8.3f} {ks:>5} {c['k'] or '-':>5} {c['s'] or '-':>5} "
+                  f"{c['kept_values']:>10} {c['error_weight']:>8.4f} {c['error_output']:>8.4f}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from rocketlm.checkpoint.io import densify, load_compressed
+    model, tokenizer = load_compressed(args.checkpoint)
+    densify(model)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"wrote a dense HF checkpoint to {args.out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    if hasattr(args, "rest"):
+        raise SystemExit("rocketlm eval needs lm-eval: pip install 'rocketlm[eval]'")
+    from rocketlm.evaluation.zeroshot.cli import run_eval
+    return run_eval(args, _load_any)
+
+
+COMMANDS = {"compress": _cmd_compress, "ppl": _cmd_ppl, "info": _cmd_info, "export": _cmd_export, "eval": _cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else (logging.WARNING if quiet else logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from rocketlm.allocation.knapsack import InfeasibleBudgetError
+    from rocketlm.calibration.data import DataError
+    from rocketlm.checkpoint.io import CheckpointError
+    from rocketlm.models.discovery import UnsupportedModelError
+    from rocketlm.models.loading import ModelLoadError
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DataError, CheckpointError, ModelLoadError, UnsupportedModelError,
+            InfeasibleBudgetError) as exc:
+        print(f"rocketlm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; cached calibration and profiles are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
