@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.DEBUG if args.verbose else (logging.WARNING if quiet else logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from rocketlm.allocation.knapsack import InfeasibleBudgetError
+    from rocketlm.allocation.plan import InfeasibleAllocationError
     from rocketlm.calibration.data import DataError
     from rocketlm.checkpoint.io import CheckpointError
     from rocketlm.models.discovery import UnsupportedModelError
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError, CheckpointError, ModelLoadError, UnsupportedModelError,
-            InfeasibleBudgetError) as exc:
+            InfeasibleAllocationError) as exc:
         print(f"rocketlm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -90,7 +90,7 @@ class RocketConfig:
     # profiling / factorization
     grid: GridConfig = field(default_factory=GridConfig)
     whitening_eps: float = 7e-6  # added to the Gram spectrum when it is not positive definite (reference value)
-    ridge_rel: float = 1e-9  # dictionary refit ridge, relative to mean diagonal of C C^T (guards atoms with no entry)
+    ridge_rel: float = 0.0  # dictionary refit ridge relative to mean diag(C C^T); a singular C C^T gets >= 1e-9 anyway
     importance_power: float = 0.5  # importance = |C_ij| * ||S^-1 q_i||^power (reference compression step)
     profile_dtype: str = "float32"  # dtype of the per-candidate algebra (whitening and SVD are always float64)
     # runtime

@@ -21,6 +21,10 @@ from rocketlm.profiling.profile import Candidate, LayerProfile
 
 log = logging.getLogger(__name__)
 
+class InfeasibleAllocationError(ValueError):
+    """The target ratio cannot be met with the profiled candidates; the message says how to fix it."""
+
+
 ALPHA_GRID = tuple(round(1.0 + 0.1 * i, 1) for i in range(11))
 
 
@@ -171,7 +175,8 @@ def allocate(profiles: list[LayerProfile], removed_ratio: float, cost: str = "we
         return Allocation(cost=cost, budget_count=budget_count, target_removed_ratio=removed_ratio, alpha=a,
                           choices=choices, total_cost=solution.total_error, lower_bound=solution.lower_bound,
                           solve_seconds=time.perf_counter() - start)
-    raise InfeasibleBudgetError(
+    achievable = last_error.max_removed / total if total else 0.0
+    raise InfeasibleAllocationError(
         f"cannot remove {removed_ratio:.1%} of the {budget_count} of the targeted layers with this grid "
-        f"(alpha={alpha}): {last_error}. Lower --ratio, add larger removed ratios to --grid, "
+        f"(alpha={alpha}): at most {achievable:.2%} is reachable. Lower --ratio, add larger removed ratios to --grid, "
         "or disable the alpha cap") from last_error

@@ -120,7 +120,7 @@ class Factorization:
     mask: torch.Tensor | None = None
 
 
-def factorize_candidate(basis: LayerBasis, k: int, s: int, ridge_rel: float = 1e-9,
+def factorize_candidate(basis: LayerBasis, k: int, s: int, ridge_rel: float = 0.0,
                         with_factors: bool = False) -> Factorization:
     """Sparse-dictionary factorization of ROCKET.md section 3 and both errors of section 4.
 
@@ -167,12 +167,18 @@ def _dot(X: torch.Tensor, Y: torch.Tensor) -> float:
 def _refit_dictionary(P: torch.Tensor, G0: torch.Tensor, ridge_rel: float) -> torch.Tensor:
     """Least squares with the mask fixed: ``F = P (G0 + r I)^-1`` with ``P = B C^T``, ``G0 = C C^T``.
 
-    Solved in float64 (k x k); ``r = ridge_rel * mean(diag(G0))`` only guards atoms that kept no entry.
+    Solved in float64 (k x k) with ``r = ridge_rel * mean(diag(G0))``. When ``G0 + r I`` is
+    singular (an atom kept no entry), ``r`` grows from ``1e-9 * mean(diag)`` until it is not.
     """
     G = G0.to(torch.float64)
-    ridge = ridge_rel * float(G.diagonal().mean()) + 1e-30
-    G = G + ridge * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    L = torch.linalg.cholesky(G)
+    scale = float(G.diagonal().mean()) or 1.0
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    ridge = ridge_rel * scale
+    L, info = torch.linalg.cholesky_ex(G + ridge * eye)
+    step = 1e-9
+    while info.item() != 0:
+        ridge = max(ridge * 10.0, step * scale)
+        L, info = torch.linalg.cholesky_ex(G + ridge * eye)
     F = torch.cholesky_solve(P.to(torch.float64).T, L).T
     return F.to(P.dtype)
 

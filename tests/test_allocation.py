@@ -1,0 +1,68 @@
+import itertools
+import math
+
+import pytest
+
+from rocketlm.allocation.plan import InfeasibleAllocationError, allocate, candidate_choices, layer_options
+from rocketlm.profiling.profile import Candidate, LayerProfile
+
+
+def _profile(name, d_in, d_out, seed):
+    import random
+    rng = random.Random(seed)
+    cands = []
+    for removed in (0.1, 0.3, 0.5, 0.7):
+        for ks in (1.0, 2.0, 3.0):
+            kept = int((1 - removed) * d_in * d_out) - rng.randint(0, 50)
+            e_w = removed ** 0.8 * (1 + 0.2 * rng.random()) * (1.2 if ks == 1.0 else 1.0)
+            e_o = removed ** 1.2 * (1 + 0.2 * rng.random()) * (1.2 if ks == 3.0 else 1.0)
+            cands.append(Candidate(removed, ks, 10, 5, kept, 2 * kept + 100, e_w, e_o))
+    return LayerProfile(name, d_in, d_out, d_in * d_out, 2 * d_in * d_out, name, cands)
+
+
+PROFILES = [_profile(f"l{i}", 32 * (1 + i % 3), 48, i) for i in range(5)]
+
+
+def test_best_ks_is_chosen_by_the_same_cost():
+    p = PROFILES[0]
+    for cost, attr in (("weight", "error_weight"), ("output", "error_output")):
+        opts = layer_options(p, cost)
+        assert [o.removed_ratio for o in opts] == [0.1, 0.3, 0.5, 0.7]
+        for o in opts:
+            same_ratio = [c for c in p.candidates if c.removed_ratio == o.removed_ratio]
+            assert getattr(o, attr) == min(getattr(c, attr) for c in same_ratio)
+
+
+@pytest.mark.parametrize("cost", ["weight", "output"])
+@pytest.mark.parametrize("target", [0.05, 0.2, 0.45, 0.65])
+def test_allocation_is_optimal_and_meets_the_budget(cost, target):
+    alloc = allocate(PROFILES, target, cost)
+    assert alloc.achieved_removed_ratio >= target - 1e-12
+    options = candidate_choices(PROFILES, cost)
+    total = sum(p.dense_values for p in PROFILES)
+    best = math.inf
+    for combo in itertools.product(*options):
+        removed = sum(c.dense_values - c.kept_values for c in combo)
+        if removed >= math.ceil(target * total):
+            best = min(best, sum(c.cost for c in combo))
+    assert alloc.total_cost == pytest.approx(best, rel=1e-9)
+    assert sum(c.cost for c in alloc.choices) == pytest.approx(alloc.total_cost, rel=1e-9)
+
+
+def test_bytes_budget_counts_bytes():
+    alloc = allocate(PROFILES, 0.4, "output", budget_count="bytes")
+    assert alloc.achieved_removed_bytes_ratio >= 0.4
+    assert alloc.kept_bytes == sum(c.kept_bytes for c in alloc.choices)
+
+
+def test_infeasible_target_is_an_error_not_a_fallback():
+    with pytest.raises(InfeasibleAllocationError, match="Lower --ratio"):
+        allocate(PROFILES, 0.8, "weight")
+
+
+def test_alpha_cap_drops_expensive_candidates():
+    free = allocate(PROFILES, 0.3, "weight")
+    capped = allocate(PROFILES, 0.3, "weight", alpha="auto")
+    assert capped.alpha is not None and 1.0 <= capped.alpha <= 2.0
+    assert capped.total_cost >= free.total_cost - 1e-12
+    assert capped.achieved_removed_ratio >= 0.3

@@ -1,0 +1,69 @@
+import json
+
+import pytest
+
+from conftest import make_tiny_model, make_tiny_tokenizer
+from rocketlm.cli import main
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    path = tmp_path / "tiny-model"
+    make_tiny_model("qwen3").save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    root = tmp_path / "data"
+    (root / "calib").mkdir(parents=True)
+    (root / "calib" / "a.txt").write_text(" ".join(f"w{(i * 13) % 400}" for i in range(5000)))
+    (root / "wikitext-2-raw").mkdir()
+    (root / "wikitext-2-raw" / "wiki.test.raw").write_text("\n".join(" ".join(f"w{(i * j) % 400}" for j in range(30))
+                                                                     for i in range(40)))
+    return root
+
+
+def test_cli_compress_ppl_info_export_end_to_end(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ROCKETLM_DATA", str(data_dir))
+    out = tmp_path / "ckpt"
+    rc = main(["compress", str(tiny_dir), "--ratio", "0.25", "--cost", "weight", "--out", str(out),
+               "--calib-samples", "6", "--seq-len", "32", "--grid", "removed=0.1:0.7:0.2;ks=1,2,3",
+               "--cache-dir", str(tmp_path / "cache"), "-q"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "target 25.00%" in printed and "model.safetensors" in printed
+    manifest = json.loads((out / "rocketlm.json").read_text())
+    assert manifest["config"]["removed_ratio"] == 0.25 and manifest["config"]["cost"] == "weight"
+    assert manifest["allocation"]["achieved_removed_ratio"] >= 0.25
+    assert set(manifest["stages"]) == {"calibration", "profiling", "allocation", "compression"}
+
+    assert main(["ppl", str(out), "--seq-len", "32", "--limit", "2", "--out", str(tmp_path / "ppl.json"), "-q"]) == 0
+    compressed_ppl = json.loads((tmp_path / "ppl.json").read_text())["perplexity"]
+    assert main(["ppl", str(tiny_dir), "--seq-len", "32", "--limit", "2", "-q"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert compressed_ppl > 1
+
+    assert main(["info", str(out), "--layers"]) == 0
+    table = capsys.readouterr().out
+    assert "self_attn.q_proj" in table and "err_out" in table
+
+    dense_out = tmp_path / "dense-export"
+    assert main(["export", str(out), "--out", str(dense_out)]) == 0
+    assert main(["ppl", str(dense_out), "--seq-len", "32", "--limit", "2", "--out", str(tmp_path / "ppl2.json"), "-q"]) == 0
+    assert json.loads((tmp_path / "ppl2.json").read_text())["perplexity"] == pytest.approx(compressed_ppl, rel=1e-4)
+
+
+def test_cli_errors_are_one_clear_line(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ROCKETLM_DATA", str(data_dir))
+    assert main(["compress", str(tiny_dir), "--ratio", "1.2", "--out", str(tmp_path / "x")]) == 2
+    assert "removed_ratio" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path / "nope"), "--ratio", "0.2", "--out", str(tmp_path / "x")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["info", str(tmp_path)]) == 2
+    assert "not a rocketlm checkpoint" in capsys.readouterr().err
+    rc = main(["compress", str(tiny_dir), "--ratio", "0.9", "--out", str(tmp_path / "x"), "--calib-samples", "4",
+               "--seq-len", "16", "--grid", "removed=0.1,0.3;ks=1,2", "--cache-dir", str(tmp_path / "c"), "-q"])
+    assert rc == 2
+    assert "reachable" in capsys.readouterr().err

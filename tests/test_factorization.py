@@ -1,0 +1,125 @@
+import math
+
+import pytest
+import torch
+
+from rocketlm.factorization.sparse_dictionary import (candidate_shape, direct_errors, factorize_candidate,
+                                                      kept_bytes, kept_values, layer_basis, whitening_factor)
+
+
+def _layer(d_in, d_out, n=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = n or 4 * d_in
+    mix = torch.randn(d_in, d_in, generator=gen, dtype=torch.float64) / math.sqrt(d_in)
+    X = torch.randn(n, d_in, generator=gen, dtype=torch.float64) @ mix
+    W = torch.randn(d_in, d_out, generator=gen, dtype=torch.float64) / math.sqrt(d_in)
+    return W, X.T @ X
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
+def test_full_rank_without_sparsity_reconstructs_W(shape):
+    W, A = _layer(*shape)
+    S = whitening_factor(A)
+    basis = layer_basis(W, S, dtype=torch.float64)
+    r = min(shape)
+    fact = factorize_candidate(basis, r, r, with_factors=True)
+    assert torch.allclose(fact.U @ fact.V, W, atol=1e-8)
+    assert fact.error_weight < 1e-6 and fact.error_output < 1e-6
+
+
+def test_whitening_factor_is_upper_cholesky_and_handles_singular_gram():
+    W, A = _layer(16, 8)
+    S = whitening_factor(A)
+    assert torch.allclose(S.T @ S, A, rtol=1e-10, atol=1e-10)
+    assert torch.equal(S, torch.triu(S))
+    X = torch.randn(4, 16, dtype=torch.float64)  # rank 4 < 16: not positive definite
+    S = whitening_factor(X.T @ X)
+    assert torch.isfinite(S).all() and torch.equal(S, torch.triu(S))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-3)])
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48)])
+def test_profiled_errors_equal_direct_formulas(shape, dtype, tol):
+    W, A = _layer(*shape, seed=1)
+    S = whitening_factor(A)
+    X_metric = S  # ||X E|| = ||S E||
+    basis = layer_basis(W, S, dtype=dtype)
+    for removed, ks in [(0.1, 1.0), (0.3, 1.5), (0.5, 2.0), (0.7, 3.0)]:
+        k, s = candidate_shape(*shape, removed, ks)
+        fact = factorize_candidate(basis, k, s, with_factors=True)
+        W_hat = fact.U.double() @ fact.V.double()
+        e_w = float((W - W_hat).norm() / W.norm())
+        e_o = float((X_metric @ (W - W_hat)).norm() / (X_metric @ W).norm())
+        assert fact.error_weight == pytest.approx(e_w, abs=tol)
+        assert fact.error_output == pytest.approx(e_o, abs=tol)
+        assert (e_w, e_o) == pytest.approx(direct_errors(W, S, W_hat), abs=1e-12)
+        # structure: exactly s nonzeros per column of V, dense U of d_in x k
+        assert fact.U.shape == (shape[0], k)
+        assert bool(((fact.V != 0).sum(dim=0) <= s).all()) and int(fact.mask.sum()) == s * shape[1]
+
+
+def test_output_error_equals_relative_error_on_calibration_activations():
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(200, 20, generator=gen, dtype=torch.float64)
+    W = torch.randn(20, 12, generator=gen, dtype=torch.float64)
+    S = whitening_factor(X.T @ X)
+    fact = factorize_candidate(layer_basis(W, S, dtype=torch.float64), 8, 5, with_factors=True)
+    W_hat = fact.U @ fact.V
+    assert fact.error_output == pytest.approx(float((X @ W - X @ W_hat).norm() / (X @ W).norm()), rel=1e-9)
+
+
+def test_sparsity_keeps_largest_importance_per_column():
+    W, A = _layer(30, 20, seed=4)
+    basis = layer_basis(W, whitening_factor(A), dtype=torch.float64)
+    k, s = 12, 4
+    fact = factorize_candidate(basis, k, s, with_factors=True)
+    importance = basis.B[:k].abs() * basis.atom_weight[:k, None]
+    for j in range(20):
+        kept = importance[fact.mask[:, j], j]
+        dropped = importance[~fact.mask[:, j], j]
+        assert kept.min() >= dropped.max()
+
+
+def test_error_does_not_grow_as_kept_parameters_grow():
+    W, A = _layer(64, 96, seed=5)
+    basis = layer_basis(W, whitening_factor(A), dtype=torch.float64)
+    # no sparsity (s = k): nested subspaces, the output error is exactly non-increasing in k
+    errors = [factorize_candidate(basis, k, k).error_output for k in range(1, 65)]
+    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))
+    # along the grid at fixed ks, fewer removed parameters never cost more error (both errors)
+    for ks in (1.0, 1.5, 2.0, 3.0):
+        shapes = [candidate_shape(64, 96, r / 20, ks) for r in range(14, 0, -1)]
+        facts = [factorize_candidate(basis, k, s) for k, s in shapes if k <= 64]
+        for a, b in zip(facts, facts[1:]):
+            assert b.error_output <= a.error_output + 1e-9
+            assert b.error_weight <= a.error_weight + 1e-9
+
+
+def test_dictionary_refit_never_worse_than_the_plain_basis():
+    W, A = _layer(40, 60, seed=6)
+    S = whitening_factor(A)
+    basis = layer_basis(W, S, dtype=torch.float64)
+    M = S @ W
+    Q = torch.linalg.svd(M, full_matrices=False).U
+    for k, s in [(10, 3), (20, 10), (30, 30)]:
+        fact = factorize_candidate(basis, k, s, with_factors=True)
+        plain = float((M - Q[:, :k] @ fact.V).norm() / M.norm())
+        assert fact.error_output <= plain + 1e-12
+
+
+def test_candidate_shape_and_sizes_follow_the_formulas():
+    d_in, d_out = 576, 1536
+    k, s = candidate_shape(d_in, d_out, 0.3, 2.0)
+    assert k == math.floor(0.7 * d_in * d_out / (d_in + d_out / 2.0)) and s == math.floor(k / 2.0)
+    assert kept_values(d_in, d_out, k, s) == d_in * k + d_out * s
+    assert kept_values(d_in, d_out, k, s) <= 0.7 * d_in * d_out
+    assert kept_bytes(d_in, d_out, k, s, 2) == 2 * (d_in * k + d_out * s) + math.ceil(k * d_out / 8)
+
+
+def test_invalid_candidate_is_rejected():
+    W, A = _layer(8, 6)
+    basis = layer_basis(W, whitening_factor(A))
+    with pytest.raises(ValueError):
+        factorize_candidate(basis, 7, 2)  # k > rank
+    with pytest.raises(ValueError):
+        factorize_candidate(basis, 4, 0)

@@ -1,0 +1,146 @@
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_model, make_tiny_tokenizer
+from rocketlm.checkpoint.io import CheckpointError, load_compressed, save_compressed
+from rocketlm.compression.modules import SparseDictionaryLinear
+from rocketlm.config import ConfigError, GridConfig, RocketConfig
+from rocketlm.evaluation.perplexity import perplexity, token_windows, wikitext2_rows
+from rocketlm.pipeline import compress
+
+GRID = GridConfig(removed_ratios=(0.1, 0.3, 0.5, 0.7), ks=(1.0, 2.0, 3.0))
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(f"w{(i * 7) % 400}" for i in range(6000)))
+    return str(path)
+
+
+def _config(calib_file, **kw):
+    base = dict(model="tiny", removed_ratio=0.3, cost="output", calib_files=(calib_file,), calib_samples=8,
+                calib_seq_len=32, grid=GRID)
+    base.update(kw)
+    return RocketConfig(**base)
+
+
+def _ids():
+    return make_tiny_tokenizer()(" ".join(f"w{i}" for i in range(40)), return_tensors="pt").input_ids
+
+
+def test_compress_save_load_gives_identical_logits(tiny_arch, calib_file, tmp_path):
+    model, tok = make_tiny_model(tiny_arch), make_tiny_tokenizer()
+    result = compress(model, tok, _config(calib_file), cache_dir=tmp_path / "cache", progress=False)
+    alloc = result.allocation
+    assert abs(alloc.achieved_removed_ratio - 0.3) < 0.02 and alloc.achieved_removed_ratio >= 0.3
+    compressed = [m for m in model.modules() if isinstance(m, SparseDictionaryLinear)]
+    assert len(compressed) == sum(not c.dense for c in alloc.choices) > 0
+    # the shipped factors reproduce the profiled errors
+    assert result.checks["profile_vs_shipped"] < 1e-6
+    with torch.no_grad():
+        logits = model(_ids()).logits
+    manifest = save_compressed(result, tmp_path / "ckpt")
+    assert manifest["weights_file"]["bytes"] < manifest["dense_weights_bytes"]
+    loaded, _ = load_compressed(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(loaded(_ids()).logits, logits)
+    for m in compressed[:2]:  # compact storage: s values per column, not a dense V
+        assert m.V_values.shape == (m.s, m.out_features)
+
+
+def test_profiles_resume_and_config_changes_do_not_reuse(calib_file, tmp_path):
+    tok = make_tiny_tokenizer()
+    cache = tmp_path / "cache"
+    first = compress(make_tiny_model("llama"), tok, _config(calib_file), cache_dir=cache, progress=False)
+    store = first.checks["profile_store"]
+    lines = open(store).read().splitlines()
+    # simulate an interruption in the middle of profiling: half the layers and a torn last line
+    with open(store, "w") as handle:
+        handle.write("\n".join(lines[:5]) + "\n" + lines[5][:40])
+    again = compress(make_tiny_model("llama"), tok, _config(calib_file), cache_dir=cache, progress=False)
+    assert again.checks["profile_store"] == store
+    strip = lambda p: {**p.to_json(), "seconds": 0}  # noqa: E731
+    assert [strip(p) for p in again.profiles] == [strip(p) for p in first.profiles]
+    assert len(open(store).read().splitlines()) == len(lines)
+    assert again.allocation.choices == first.allocation.choices
+    other = compress(make_tiny_model("llama"), tok, _config(calib_file, grid=GridConfig((0.2, 0.4), (1.0, 2.0))),
+                     cache_dir=cache, progress=False)
+    assert other.checks["profile_store"] != store
+    reseeded = compress(make_tiny_model("llama"), tok, _config(calib_file, seed=7), cache_dir=cache, progress=False)
+    assert reseeded.keys.calibration != first.keys.calibration
+
+
+def test_costs_give_different_best_ks_from_one_profile(calib_file, tmp_path):
+    tok = make_tiny_tokenizer()
+    w = compress(make_tiny_model("llama"), tok, _config(calib_file, cost="weight"), cache_dir=tmp_path, progress=False)
+    o = compress(make_tiny_model("llama"), tok, _config(calib_file, cost="output"), cache_dir=tmp_path, progress=False)
+    assert w.keys.profile == o.keys.profile  # one profiling pass serves both costs
+    assert w.allocation.achieved_removed_ratio >= 0.3 and o.allocation.achieved_removed_ratio >= 0.3
+
+
+def test_corrupt_and_incomplete_checkpoints_are_clear_errors(calib_file, tmp_path):
+    model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
+    result = compress(model, tok, _config(calib_file), cache_dir=tmp_path / "cache", progress=False)
+    ckpt = tmp_path / "ckpt"
+    save_compressed(result, ckpt)
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_compressed(ckpt)
+    weights.write_bytes(bytes(data[:-100]))
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_compressed(ckpt)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_compressed(ckpt)
+    (ckpt / "rocketlm.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_compressed(ckpt)
+    with pytest.raises(CheckpointError, match="not a rocketlm checkpoint"):
+        load_compressed(tmp_path)
+
+
+def test_config_validation_says_how_to_fix():
+    with pytest.raises(ConfigError, match="removed_ratio"):
+        RocketConfig(removed_ratio=1.5)
+    with pytest.raises(ConfigError, match="cost"):
+        RocketConfig(cost="bogus")
+    with pytest.raises(ConfigError, match="ks"):
+        GridConfig(ks=(0.5,))
+    grid = GridConfig.parse("removed=0.05:0.70:0.05;ks=1.0:3.0:0.1")
+    assert len(grid.removed_ratios) == 14 and len(grid.ks) == 21
+    cfg = RocketConfig(removed_ratio=0.2, grid=grid)
+    assert RocketConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+class _Uniform(torch.nn.Module):
+    """Logits all equal: perplexity must be exactly the vocabulary size."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, use_cache=False):
+        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, self.vocab)})()
+
+
+def test_perplexity_of_uniform_model_is_vocab_size(tmp_path):
+    windows = torch.randint(0, 37, (3, 16))
+    result = perplexity(_Uniform(37), windows, progress=False)
+    assert result.perplexity == pytest.approx(37, rel=1e-6)
+    assert result.windows == 3 and result.tokens == 3 * 15
+    assert perplexity(_Uniform(37), windows, limit=1, progress=False).windows == 1
+
+
+def test_wikitext_rows_follow_the_dataset_convention(tmp_path):
+    raw = tmp_path / "wiki.test.raw"
+    raw.write_text(" \n = Title = \n \n w1 w2 \n")
+    assert wikitext2_rows(raw) == ["", " = Title = \n", "", " w1 w2 \n"]
+    windows = token_windows(make_tiny_tokenizer(), "w1 " * 50, 16)
+    assert windows.shape[1] == 16 and windows.shape[0] >= 3
