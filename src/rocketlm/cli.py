@@ -76,12 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _ppl_parser(sub)
     _info_parser(sub)
     _export_parser(sub)
-    try:
-        from rocketlm.evaluation.zeroshot.cli import add_eval_parser
-    except ImportError:  # lm-eval not installed: `rocketlm eval` says how to get it
-        def add_eval_parser(sub):
-            p = sub.add_parser("eval", help="zero-shot accuracy (needs: pip install 'rocketlm[eval]')")
-            p.add_argument("rest", nargs=argparse.REMAINDER)
+    from rocketlm.evaluation.eval_cli import add_eval_parser
     add_eval_parser(sub)
     return parser
 
@@ -181,9 +176,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    if hasattr(args, "rest"):
-        raise SystemExit("rocketlm eval needs lm-eval: pip install 'rocketlm[eval]'")
-    from rocketlm.evaluation.zeroshot.cli import run_eval
+    from rocketlm.evaluation.eval_cli import run_eval
     return run_eval(args, _load_any)
 
 
@@ -204,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError, CheckpointError, ModelLoadError, UnsupportedModelError,
             InfeasibleAllocationError) as exc:
+        print(f"rocketlm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        if args.command not in ("eval", "ppl"):
+            raise
         print(f"rocketlm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -50,3 +50,9 @@ def weight_cost(profile: LayerProfile, candidate: Candidate) -> float:
 @register_cost("output", "ROCKET-ActCost: relative output-space error ||XW - XW_hat|| / ||XW|| on the calibration data")
 def output_cost(profile: LayerProfile, candidate: Candidate) -> float:
     return candidate.error_output
+
+
+@register_cost("blend", "midpoint of the two: 0.5 x weight error + 0.5 x output error (aims between ROCKET's "
+                        "perplexity and ActCost's accuracy, the trade-off the ActCost paper reports)")
+def blend_cost(profile: LayerProfile, candidate: Candidate) -> float:
+    return 0.5 * (candidate.error_weight + candidate.error_output)

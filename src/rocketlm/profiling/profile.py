@@ -38,14 +38,25 @@ class LayerProfile:
     candidates: list[Candidate]
     seconds: float = 0.0
 
+    def best_ks(self, error: str) -> dict[float, float]:
+        """Per removed ratio, the ks of smallest ``error`` ("error_weight" or "error_output")."""
+        best: dict[float, Candidate] = {}
+        for c in self.candidates:
+            if c.removed_ratio not in best or getattr(c, error) < getattr(best[c.removed_ratio], error):
+                best[c.removed_ratio] = c
+        return {r: c.ks for r, c in sorted(best.items())}
+
     def to_json(self) -> dict:
         data = asdict(self)
         data["candidates"] = [asdict(c) for c in self.candidates]
+        # derived, for a person reading the store: the best ks per removed ratio under each error
+        data["best_ks_weight"] = self.best_ks("error_weight")
+        data["best_ks_output"] = self.best_ks("error_output")
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> "LayerProfile":
-        data = dict(data)
+        data = {k: v for k, v in data.items() if not k.startswith("best_ks_")}
         data["candidates"] = [Candidate(**c) for c in data["candidates"]]
         return cls(**data)
 
