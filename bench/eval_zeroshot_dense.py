@@ -4,7 +4,10 @@ Checks the zero-shot harness end to end on a real model (accuracies well above c
 measures wall time per task. Example:
 
     ROCKETLM_DATA=../shared/data python bench/eval_zeroshot_dense.py \
-        --tasks piqa,arc_easy,sciq --limit 100 --batch-size 16 --out /tmp/smollm2_zs.json
+        --tasks piqa,arc_easy,sciq --limit 100 --batch-size 16 --threads 1 --out /tmp/smollm2_zs.json
+
+On a CPU shared with other jobs use --threads 1: with 2 cores and another busy process,
+2 torch threads ran the model ~8x slower than 1 thread (OpenMP oversubscription).
 
 The GGUF weights are Q4_1; transformers dequantizes them to float32 on load, so numbers
 can sit slightly below the published bf16 ones.
