@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     _info_parser(sub)
     _export_parser(sub)
     from rocketlm.evaluation.eval_cli import add_eval_parser
+    from rocketlm.study.cli import add_study_parser
     add_eval_parser(sub)
+    add_study_parser(sub)
     return parser
 
 
@@ -180,7 +182,12 @@ def _cmd_eval(args) -> int:
     return run_eval(args, _load_any)
 
 
-COMMANDS = {"compress": _cmd_compress, "ppl": _cmd_ppl, "info": _cmd_info, "export": _cmd_export, "eval": _cmd_eval}
+def _cmd_study(args) -> int:
+    from rocketlm.study.cli import run_study_cli
+    return run_study_cli(args)
+
+
+COMMANDS = {"compress": _cmd_compress, "ppl": _cmd_ppl, "info": _cmd_info, "export": _cmd_export, "eval": _cmd_eval, "study": _cmd_study}
 
 
 def main(argv: list[str] | None = None) -> int:
