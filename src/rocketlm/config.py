@@ -114,6 +114,8 @@ class RocketConfig:
         for name in ("calib_samples", "calib_seq_len", "calib_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.ridge_rel < 0 or self.whitening_eps <= 0:
+            raise ConfigError(f"ridge_rel={self.ridge_rel} must be >= 0 and whitening_eps={self.whitening_eps} > 0")
         if self.profile_dtype not in ("float32", "float64"):
             raise ConfigError(f"profile_dtype={self.profile_dtype!r}: choose float32 or float64")
         if self.save_dtype not in (None, "float32", "float16", "bfloat16"):

@@ -71,7 +71,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def dense_model_bytes(model: torch.nn.Module, allocation: Allocation) -> int:
+def dense_model_bytes(model: torch.nn.Module) -> int:
     """Bytes the same model would take with every targeted layer dense (same dtype, tied tensors once)."""
     total, seen = 0, set()
     for tensor in model.state_dict().values():
@@ -105,7 +105,7 @@ def save_compressed(result, out_dir: str | Path, extra: dict | None = None) -> d
         "keys": vars(result.keys) if result.keys else None,
         "checks": result.checks,
         "weights_file": {"name": WEIGHTS, "bytes": weights.stat().st_size, "sha256": _sha256(weights)},
-        "dense_weights_bytes": dense_model_bytes(model, result.allocation),
+        "dense_weights_bytes": dense_model_bytes(model),
         "torch_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         **(extra or {}),
     }
