@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from rocketlm.allocation.plan import Allocation
 from rocketlm.compression.modules import SparseDictionaryLinear, index_dtype, mask_from_rows, rows_from_mask
-from rocketlm.config import FORMAT_VERSION, RocketConfig
+from rocketlm.config import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
