@@ -112,8 +112,20 @@ def run_calibration(model, structure: DecoderStructure, windows: torch.Tensor, c
                 store.put(b, grams)
 
 
-def _whitening_factors(grams, eps: float) -> dict[str, torch.Tensor]:
-    return {group: whitening_factor(A, eps) for group, A in grams.grams.items()}
+def _whitened_layers(structure: DecoderStructure, grams_store: GramStore, wanted, eps: float, device):
+    """Yield ``(name, S, group)`` for every target layer with ``wanted(name)``, block by block: each
+    block's Grams are loaded once and each Gram group is whitened once, only when a layer needs it."""
+    for b, names in enumerate(structure.targets):
+        names = [n for n in names if wanted(n)]
+        if not names:
+            continue
+        grams = grams_store.get(b, device)
+        factors: dict[str, torch.Tensor] = {}
+        for name in names:
+            group = grams.group_of[name]
+            if group not in factors:
+                factors[group] = whitening_factor(grams.grams[group], eps)
+            yield name, factors[group], group
 
 
 def run_profiling(model, structure: DecoderStructure, grams_store: GramStore, store: ProfileStore,
@@ -126,21 +138,15 @@ def run_profiling(model, structure: DecoderStructure, grams_store: GramStore, st
     todo = [name for name in structure.all_targets if name not in store]
     with tqdm(total=len(structure.all_targets), initial=len(structure.all_targets) - len(todo),
               desc="profiling (layers)", disable=not progress) as bar:
-        for b, names in enumerate(structure.targets):
-            names = [n for n in names if n not in store]
-            if not names:
-                continue
-            grams = grams_store.get(b, device)
-            factors = _whitening_factors(grams, config.whitening_eps)
-            for name in names:
-                start = time.perf_counter()
-                profile = profile_layer(name, _weight(modules[name]), factors[grams.group_of[name]], config.grid,
-                                        group=grams.group_of[name], value_bytes=value_bytes,
-                                        ridge_rel=config.ridge_rel, importance_power=config.importance_power,
-                                        dtype=dtype)
-                profile.seconds = time.perf_counter() - start
-                store.put(profile)
-                bar.update(1)
+        for name, S, group in _whitened_layers(structure, grams_store, lambda n: n not in store,
+                                               config.whitening_eps, device):
+            start = time.perf_counter()
+            profile = profile_layer(name, _weight(modules[name]), S, config.grid, group=group,
+                                    value_bytes=value_bytes, ridge_rel=config.ridge_rel,
+                                    importance_power=config.importance_power, dtype=dtype)
+            profile.seconds = time.perf_counter() - start
+            store.put(profile)
+            bar.update(1)
     return [store.layers[name] for name in structure.all_targets]
 
 
@@ -159,24 +165,18 @@ def apply_allocation(model, structure: DecoderStructure, allocation: Allocation,
     worst = {"profile_vs_shipped": 0.0, "profile_vs_direct": 0.0}
     with tqdm(total=sum(not c.dense for c in allocation.choices), desc="compression (layers)",
               disable=not progress) as bar:
-        for b, names in enumerate(structure.targets):
-            chosen = [n for n in names if n in by_name and not by_name[n].dense]
-            if not chosen:
-                continue
-            grams = grams_store.get(b, device)
-            factors = _whitening_factors(grams, config.whitening_eps)
-            for name in chosen:
-                choice, linear = by_name[name], modules[name]
-                S = factors[grams.group_of[name]]
-                W = _weight(linear)
-                basis = layer_basis(W, S, importance_power=config.importance_power, dtype=dtype)
-                fact = factorize_candidate(basis, choice.k, choice.s, ridge_rel=config.ridge_rel, with_factors=True)
-                module = SparseDictionaryLinear.from_factors(fact.U, fact.V, fact.mask, choice.s, linear.bias,
-                                                             value_dtype)
-                e_w, e_o = direct_errors(W, S, module.U.double() @ module.dense_V().double())
-                _check_agreement(name, worst, choice, fact, e_w, e_o)
-                _set_module(model, name, module.to(device))
-                bar.update(1)
+        chosen = {n for n, c in by_name.items() if not c.dense}
+        for name, S, _ in _whitened_layers(structure, grams_store, chosen.__contains__, config.whitening_eps, device):
+            choice, linear = by_name[name], modules[name]
+            W = _weight(linear)
+            basis = layer_basis(W, S, importance_power=config.importance_power, dtype=dtype)
+            fact = factorize_candidate(basis, choice.k, choice.s, ridge_rel=config.ridge_rel, with_factors=True)
+            module = SparseDictionaryLinear.from_factors(fact.U, fact.V, fact.mask, choice.s, linear.bias,
+                                                         value_dtype)
+            e_w, e_o = direct_errors(W, S, module.U.double() @ module.dense_V().double())
+            _check_agreement(name, worst, choice, fact, e_w, e_o)
+            _set_module(model, name, module.to(device))
+            bar.update(1)
     return worst
 
 

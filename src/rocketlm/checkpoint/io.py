@@ -46,20 +46,31 @@ def _unpack_mask(bits: torch.Tensor, k: int, d_out: int) -> torch.Tensor:
     return torch.from_numpy(flat.reshape(k, d_out).astype(bool))
 
 
-def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every persistent tensor once (tied tensors under their first name), compressed layers packed."""
-    tensors, seen = {}, set()
-    compressed = {n: m for n, m in model.named_modules() if isinstance(m, SparseDictionaryLinear)}
+def _compressed_modules(model: torch.nn.Module) -> dict[str, SparseDictionaryLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseDictionaryLinear)}
+
+
+def _unique_state(model: torch.nn.Module):
+    """``(name, tensor)`` of every persistent tensor, tied tensors only under their first name."""
+    seen = set()
     for name, tensor in model.state_dict().items():
-        owner, _, leaf = name.rpartition(".")
-        if owner in compressed and leaf == "V_rows":
-            tensors[f"{owner}.V_mask"] = _pack_mask(tensor, compressed[owner].k)
-            continue
         key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
         if tensor.numel() and key in seen:
             continue
         seen.add(key)
-        tensors[name] = tensor.detach().contiguous().cpu()
+        yield name, tensor
+
+
+def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every persistent tensor once (tied tensors under their first name), compressed layers packed."""
+    tensors = {}
+    compressed = _compressed_modules(model)
+    for name, tensor in _unique_state(model):
+        owner, _, leaf = name.rpartition(".")
+        if owner in compressed and leaf == "V_rows":
+            tensors[f"{owner}.V_mask"] = _pack_mask(tensor, compressed[owner].k)
+        else:
+            tensors[name] = tensor.detach().contiguous().cpu()
     return tensors
 
 
@@ -73,15 +84,8 @@ def _sha256(path: Path) -> str:
 
 def dense_model_bytes(model: torch.nn.Module) -> int:
     """Bytes the same model would take with every targeted layer dense (same dtype, tied tensors once)."""
-    total, seen = 0, set()
-    for tensor in model.state_dict().values():
-        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += tensor.numel() * tensor.element_size()
-    compressed = {n: m for n, m in model.named_modules() if isinstance(m, SparseDictionaryLinear)}
-    for name, module in compressed.items():
+    total = sum(tensor.numel() * tensor.element_size() for _, tensor in _unique_state(model))
+    for module in _compressed_modules(model).values():
         element = module.U.element_size()
         total -= (module.U.numel() + module.V_values.numel()) * element + module.V_rows.numel() * module.V_rows.element_size()
         total += module.in_features * module.out_features * element
