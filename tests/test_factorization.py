@@ -123,3 +123,51 @@ def test_invalid_candidate_is_rejected():
         factorize_candidate(basis, 7, 2)  # k > rank
     with pytest.raises(ValueError):
         factorize_candidate(basis, 4, 0)
+
+
+def _assert_errors_are_direct(W, S, fact, tol=1e-9):
+    e_w, e_o = direct_errors(W, S, fact.U.double() @ fact.V.double())
+    assert fact.error_weight == pytest.approx(e_w, abs=tol)
+    assert fact.error_output == pytest.approx(e_o, abs=tol)
+
+
+def test_atoms_that_keep_no_entry_are_handled_exactly():
+    # 6 columns with 1 nonzero each: at most 6 of the 30 atoms are used, so C C^T is singular
+    W, A = _layer(40, 6, seed=7)
+    W = torch.cat([W, W[:, :1]], dim=1)  # duplicate column: the same atom wins twice
+    S = whitening_factor(A)
+    basis = layer_basis(W, S, dtype=torch.float64)
+    with pytest.raises(ValueError):
+        factorize_candidate(basis, 30, 1)  # k > rank 7
+    fact = factorize_candidate(basis, 7, 1, with_factors=True)
+    unused = ~fact.mask.any(dim=1)
+    assert bool(unused.any())
+    assert torch.all(fact.U[:, unused] == 0)  # an unused atom's dictionary column multiplies nothing
+    _assert_errors_are_direct(W, S, fact)
+
+
+@pytest.mark.parametrize("ridge_rel", [1e-3, 0.1])
+def test_ridge_refit_errors_equal_direct_formulas(ridge_rel):
+    W, A = _layer(30, 50, seed=8)
+    S = whitening_factor(A)
+    basis = layer_basis(W, S, dtype=torch.float64)
+    for k, s in [(20, 8), (25, 25)]:
+        fact = factorize_candidate(basis, k, s, ridge_rel=ridge_rel, with_factors=True)
+        _assert_errors_are_direct(W, S, fact)
+        plain = factorize_candidate(basis, k, s)
+        assert fact.error_output >= plain.error_output - 1e-12  # the ridge only moves away from least squares
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_badly_conditioned_layer_uses_the_svd_and_stays_exact(shape):
+    W, A = _layer(*shape, seed=9)
+    U, sig, Vt = torch.linalg.svd(W, full_matrices=False)
+    sig[-3:] = sig[0] * torch.tensor([1e-7, 1e-8, 1e-9], dtype=torch.float64)  # condition ~1e9
+    W = U @ torch.diag(sig) @ Vt
+    S = whitening_factor(A)
+    basis = layer_basis(W, S, dtype=torch.float64)
+    r = min(shape)
+    fact = factorize_candidate(basis, r, r, with_factors=True)
+    assert torch.allclose(fact.U @ fact.V, W, atol=1e-8)
+    for k, s in [(r - 4, r - 4), (r // 2, r // 4)]:
+        _assert_errors_are_direct(W, S, factorize_candidate(basis, k, s, with_factors=True), tol=1e-7)

@@ -28,7 +28,8 @@ def _compress_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--budget-count", choices=("values", "bytes"),
                    help="count the budget in stored values (paper, default) or bytes on disk incl. the index bitmap")
-    p.add_argument("--alpha", help="reference error cap: a factor >= 1 or 'auto' (default: off)")
+    p.add_argument("--alpha", help="the reference's error cap: a factor >= 1, 'auto' (the reference's default) or 'off' "
+                        "(the paper's plain knapsack) [auto]")
     p.add_argument("--targets", nargs="*", help="regexes of linear layer names to compress (default: all in decoder blocks)")
     p.add_argument("--ignore", nargs="*", help="regexes of linear layer names to leave dense")
     p.add_argument("--calib", nargs="*", help="calibration .txt/.jsonl files (default: $ROCKETLM_DATA/calib/*)")
@@ -124,7 +125,9 @@ def _print_summary(manifest: dict) -> None:
           f"{100 * alloc['achieved_removed_ratio']:.2f}% of the targeted parameters (target {100 * cfg['removed_ratio']:.2f}%), "
           f"{100 * alloc['achieved_removed_bytes_ratio']:.2f}% of their bytes")
     n_dense = sum(c["dense"] for c in alloc["choices"])
-    print(f"layers: {len(alloc['choices'])} targeted, {n_dense} left dense; summed cost {alloc['total_cost']:.4f}")
+    cap = "off" if alloc.get("alpha") is None else f"{alloc['alpha']:g}"
+    print(f"layers: {len(alloc['choices'])} targeted, {n_dense} left dense; summed cost {alloc['total_cost']:.4f}; "
+          f"alpha cap {cap}")
     print(f"model.safetensors: {on_disk / 1e6:.1f} MB vs dense {dense / 1e6:.1f} MB ({100 * on_disk / dense:.1f}%)")
     for name, st in manifest.get("stages", {}).items():
         print(f"  {name:<12} {st['seconds']:8.1f} s   peak RSS {st['peak_rss_bytes'] / 2**30:.2f} GiB")

@@ -76,8 +76,9 @@ class RocketConfig:
     removed_ratio: float = 0.5
     cost: str = "output"
     budget_count: str = "values"  # "values" (as in the paper) or "bytes" (values + index structure on disk)
-    alpha: float | str | None = None  # reference's error cap: drop candidates with error > alpha * mean error at
-    # the target ratio; a number >= 1, "auto" (smallest of 1.0, 1.1, ..., 2.0 that stays feasible) or None (off)
+    alpha: float | str | None = "auto"  # reference's error cap: drop candidates with error > alpha * mean error at
+    # the target ratio; a number >= 1, "auto" (the reference's default: smallest of 1.0, 1.1, ..., 2.0 that stays
+    # feasible) or None / "off" (the plain knapsack of the paper)
     targets: tuple[str, ...] = ()  # regex patterns over module names; empty = every nn.Linear in the decoder blocks
     ignore: tuple[str, ...] = ()
     # calibration
@@ -104,13 +105,15 @@ class RocketConfig:
             raise ConfigError(f"cost={self.cost!r}: choose one of {', '.join(_known_costs())}")
         if self.budget_count not in BUDGET_COUNTS:
             raise ConfigError(f"budget_count={self.budget_count!r}: choose one of {', '.join(BUDGET_COUNTS)}")
+        if isinstance(self.alpha, str) and self.alpha.lower() in ("off", "none"):
+            object.__setattr__(self, "alpha", None)
         if self.alpha is not None and self.alpha != "auto":
             try:
                 object.__setattr__(self, "alpha", float(self.alpha))
             except ValueError:
-                raise ConfigError(f"alpha={self.alpha!r}: use a number >= 1, 'auto' or None") from None
+                raise ConfigError(f"alpha={self.alpha!r}: use a number >= 1, 'auto' or 'off'") from None
             if self.alpha < 1.0:
-                raise ConfigError(f"alpha={self.alpha}: the error cap factor must be >= 1 (or None to disable)")
+                raise ConfigError(f"alpha={self.alpha}: the error cap factor must be >= 1 (or 'off' to disable)")
         for name in ("calib_samples", "calib_seq_len", "calib_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")

@@ -160,9 +160,13 @@ def allocate(profiles: list[LayerProfile], removed_ratio: float, cost: str = "we
     options = candidate_choices(profiles, cost)
     total = sum((p.dense_bytes if budget_count == "bytes" else p.dense_values) for p in profiles)
     required = int(math.ceil(removed_ratio * total))
-    alphas = ALPHA_GRID if alpha == "auto" else (alpha,)
+    # "auto": the smallest cap of the reference's grid that stays feasible; if none does, no cap (logged)
+    alphas = (*ALPHA_GRID, None) if alpha == "auto" else (alpha,)
     last_error = None
     for a in alphas:
+        if alpha == "auto" and a is None:
+            log.warning("alpha auto: no cap in %s..%s reaches %.1f%% removed; solving without the cap",
+                        ALPHA_GRID[0], ALPHA_GRID[-1], 100 * removed_ratio)
         filtered = options if a is None else _alpha_filter(options, removed_ratio, a)
         removed = [np.array([_removed(o, budget_count) for o in opts], dtype=np.int64) for opts in filtered]
         errors = [np.array([o.cost for o in opts], dtype=np.float64) for opts in filtered]

@@ -54,8 +54,8 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
                                                 "[the reference grid]")
     p.add_argument("--budget-count", choices=("values", "bytes"), default=d.budget_count,
                    help="count the budget in values (paper) or bytes [%(default)s]")
-    p.add_argument("--alpha", default=None,
-                   help="the reference's error cap for every run: a factor >= 1 or 'auto' [off]")
+    p.add_argument("--alpha", default=d.alpha,
+                   help="the reference's error cap for every run: a factor >= 1, 'auto' or 'off' [%(default)s]")
     p.add_argument("--ppl-seq-len", type=int, default=2048, help="WikiText-2 window length [%(default)s]")
     p.add_argument("--ppl-limit", type=int, default=None, help="first N WikiText-2 windows [all]")
     p.add_argument("--ppl-batch-size", type=int, default=1,

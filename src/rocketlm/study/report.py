@@ -446,11 +446,17 @@ def _ppl_text(entry: dict | None) -> str:
     if not entry:
         return "not measured"
     ppl = entry["perplexity"]
-    text = f"{100 * ppl['relative_diff']['mean']:+.2f}% PPL"
+    per_seed = [b / a - 1.0 for a, b in zip(ppl["reference"], ppl["other"])]
+    seeds = ", ".join(f"{100 * d:+.1f}%" for d in per_seed)
+    mixed = len(per_seed) > 1 and min(per_seed) < 0 < max(per_seed)
     ci = ppl.get("ratio_ci")
     if ci:
-        text += f" (ratio CI [{ci['low']:.4f}, {ci['high']:.4f}])"
-    return text
+        # the verdict is taken from this ratio (pooled mean NLL difference), so it leads the text
+        text = (f"PPL ratio {ci['ratio']:.3f} ({100 * (ci['ratio'] - 1):+.1f}%), CI [{ci['low']:.3f}, {ci['high']:.3f}]"
+                f"; per seed {seeds}")
+    else:
+        text = f"{100 * ppl['relative_diff']['mean']:+.2f}% PPL (mean over seeds; per seed {seeds})"
+    return text + ("; the seeds disagree in sign" if mixed else "")
 
 
 def _section_paper(study: dict) -> list[str]:
