@@ -75,7 +75,9 @@ class LayerBasis:
     Attributes (shapes): ``W`` d_in x d_out, ``B`` r x d_out (``Sigma V^T``, rows orthogonal),
     ``SinvQ`` d_in x r (``S^-1 Q``, maps coordinates back to the original space), ``H`` r x r
     (``SinvQ^T SinvQ``, metric of the weight error), ``atom_weight`` r (``||S^-1 q_i||^power``, the
-    importance factor of each atom), ``row_sq`` r (float64 ``||b_i||^2`` = ``sigma_i^2``).
+    importance factor of each atom), ``row_sq`` r (float64 ``||b_i||^2`` = ``sigma_i^2``),
+    ``order`` d_out x r (per column of ``B``, the atoms by decreasing importance
+    ``|B_ij| * atom_weight_i``; sorted once, every candidate's mask is read from it).
     """
 
     W: torch.Tensor
@@ -84,6 +86,7 @@ class LayerBasis:
     H: torch.Tensor
     atom_weight: torch.Tensor
     row_sq: torch.Tensor
+    order: torch.Tensor
     norm_W: float
     norm_M: float
 
@@ -130,10 +133,14 @@ def layer_basis(W: torch.Tensor, S: torch.Tensor, importance_power: float = 0.5,
     M = S @ W64
     sigma, B, SinvQ = _whitened_svd(M, W64, S)
     H = SinvQ.T @ SinvQ
-    atom_weight = SinvQ.norm(dim=0) ** importance_power
+    atom_weight = (SinvQ.norm(dim=0) ** importance_power).to(dtype)
+    row_sq = B.square().sum(dim=1)
+    B = B.to(dtype)
+    importance_T = B.T.abs() * atom_weight  # d_out x r
     return LayerBasis(
-        W=W64.to(dtype), B=B.to(dtype), SinvQ=SinvQ.to(dtype), H=H.to(dtype),
-        atom_weight=atom_weight.to(dtype), row_sq=B.square().sum(dim=1),
+        W=W64.to(dtype), B=B, SinvQ=SinvQ.to(dtype), H=H.to(dtype),
+        atom_weight=atom_weight, row_sq=row_sq,
+        order=importance_T.argsort(dim=1, descending=True, stable=True),
         norm_W=float(W64.norm()), norm_M=float(M.norm()),
     )
 
@@ -196,13 +203,18 @@ def _result(basis: LayerBasis, k: int, s: int, err_w2: float, err_o2: float) -> 
 
 
 def _column_mask(basis: LayerBasis, k: int, s: int) -> torch.Tensor:
-    """k x d_out boolean mask: in every column, the ``s`` atoms of largest ``|C_ij| * atom_weight_i``."""
+    """k x d_out boolean mask: in every column, the ``s`` atoms of largest ``|C_ij| * atom_weight_i``.
+
+    Read from the per-layer sort: in each column, the first ``s`` atoms of ``order`` below ``k``
+    (ties go to the lower atom index).
+    """
     if s >= k:
         return torch.ones(k, basis.B.shape[1], dtype=torch.bool, device=basis.B.device)
-    importance_T = (basis.B[:k].T.abs() * basis.atom_weight[:k]).contiguous()  # d_out x k, rows contiguous
-    mask_T = torch.zeros_like(importance_T, dtype=torch.bool)
-    mask_T.scatter_(1, importance_T.topk(s, dim=1, sorted=False).indices, True)
-    return mask_T.T
+    in_dictionary = basis.order < k
+    chosen = in_dictionary & (in_dictionary.cumsum(dim=1, dtype=torch.int32) <= s)
+    mask_T = torch.zeros(basis.order.shape, dtype=torch.bool, device=basis.B.device)
+    mask_T.scatter_(1, basis.order, chosen)
+    return mask_T[:, :k].T
 
 
 def _dot(X: torch.Tensor, Y: torch.Tensor) -> float:
