@@ -33,7 +33,7 @@ def test_cli_compress_ppl_info_export_end_to_end(tiny_dir, data_dir, tmp_path, c
                "--cache-dir", str(tmp_path / "cache"), "-q"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "target 25.00%" in printed and "model.safetensors" in printed
+    assert "target 25.00%" in printed and "model.safetensors" in printed and "alpha cap" in printed
     manifest = json.loads((out / "rocketlm.json").read_text())
     assert manifest["config"]["removed_ratio"] == 0.25 and manifest["config"]["cost"] == "weight"
     assert manifest["allocation"]["achieved_removed_ratio"] >= 0.25

@@ -235,6 +235,7 @@ def test_study_end_to_end(study_inputs, tmp_path, capsys, monkeypatch):
     # every (seed, ratio, cost) ran and was saved on its own
     assert len(study["runs"]) == 2 * 2 * 3
     assert len(list((out / "runs").glob("seed*.json"))) == 12 and (out / "runs" / "dense.json").is_file()
+    assert not list((out / "runs").glob("*.sqlite*"))  # request caches go once their run is recorded
     assert {(r["seed"], r["ratio"], r["cost"]) for r in study["runs"]} == {
         (s, r, c) for s in (2023, 42) for r in (0.2, 0.5) for c in ("weight", "output", "blend")}
     for r in study["runs"]:

@@ -313,3 +313,45 @@ def test_hub_mode_fails_clearly_offline():
         pytest.skip("the standard piqa dataset is in the local HF cache, so hub mode works offline here")
     assert "ERR could not load the standard lm-eval task 'piqa'" in out.stdout, out.stdout + out.stderr
     assert "--data" in out.stdout
+
+
+@needs_data
+def test_request_cache_resumes_without_the_model_and_is_per_model(tmp_path):
+    tok = make_tiny_tokenizer()
+    cache = tmp_path / "eval.requests.sqlite"
+    kw = dict(data_dir=str(DATA), limit=3, progress=False, request_cache=cache)
+    model = make_tiny_model("llama", seed=0)
+    first = zs.evaluate_zeroshot(model, tok, ["piqa", "lambada_openai"], **kw)
+    assert cache.exists()
+
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    second = zs.evaluate_zeroshot(model, tok, ["piqa", "lambada_openai"], **kw)  # as after an interruption
+    hook.remove()
+    assert calls == []  # every answer came from the cache
+    for task in ("piqa", "lambada_openai"):
+        assert second["tasks"][task]["per_example"] == first["tasks"][task]["per_example"]
+
+    other = make_tiny_model("llama", seed=1)  # another model must never reuse these answers
+    calls = []
+    other.register_forward_pre_hook(lambda *a: calls.append(1))
+    third = zs.evaluate_zeroshot(other, tok, ["lambada_openai"], **kw)
+    assert calls and third["tasks"]["lambada_openai"]["per_example"] != first["tasks"]["lambada_openai"]["per_example"]
+
+
+@needs_data
+def test_cli_eval_writes_json_and_cleans_its_request_cache(tmp_path, capsys):
+    from rocketlm.cli import main
+
+    model_dir = tmp_path / "tiny"
+    make_tiny_model("llama").save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "eval" / "result.json"
+    assert main(["eval", str(model_dir), "--tasks", "piqa,race", "--limit", "3", "--data", str(DATA),
+                 "--out", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "piqa" in printed and "unavailable" in printed and "average" in printed
+    result = json.loads(out.read_text())
+    assert result["tasks"]["piqa"]["n"] == 3 and "race" in result["unavailable"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["result.json"]  # no request cache left behind
+    assert main(["eval", str(model_dir), "--tasks", "nosuchtask"]) == 2

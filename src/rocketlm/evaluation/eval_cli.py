@@ -12,7 +12,9 @@ def add_eval_parser(sub) -> None:
                    help="'paper' (8 tasks of the ROCKET papers), 'all' (+ winogrande, boolq) or a comma list")
     p.add_argument("--limit", type=int, default=None, help="first N examples per task (per subject for MMLU)")
     p.add_argument("--batch-size", default="8", help="batch size (or 'auto')")
-    p.add_argument("--out", default=None, help="write results JSON here (with per-example correctness)")
+    p.add_argument("--out", default=None, help="write results JSON here (with per-example correctness); every "
+                   "answered request is also kept in OUT's .requests.sqlite until the run ends, so an interrupted "
+                   "run resumes when started again with the same --out")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--data", default=None, help="data directory (default: $ROCKETLM_DATA); 'hub' = HF hub datasets")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -29,11 +31,14 @@ def run_eval(args: argparse.Namespace, load_any) -> int:
         info.update(achieved_removed_ratio=manifest["allocation"]["achieved_removed_ratio"],
                     cost=manifest["config"]["cost"], rocketlm_config=manifest["config"])
     batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    cache = Path(args.out).with_suffix(".requests.sqlite") if args.out else None
     result = evaluate_zeroshot(model, tokenizer, tasks, data_dir=args.data, limit=args.limit, batch_size=batch,
-                               device=args.device, progress=not args.quiet, model_info=info)
+                               device=args.device, progress=not args.quiet, model_info=info, request_cache=cache)
     print(format_table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_json(result, args.out)
         print(f"wrote {args.out}")
+        for f in (cache, cache.with_name(cache.name + ".json")):
+            f.unlink(missing_ok=True)
     return 0

@@ -211,8 +211,21 @@ def perplexity_units(model, windows: torch.Tensor, *, limit: int | None, batch_s
             "seconds": seconds, "unit_windows": batch_size, "unit_nll": unit_nll, "unit_tokens": unit_tokens}
 
 
-def evaluate_model(model, tokenizer, config: StudyConfig, windows: torch.Tensor, progress: bool) -> dict:
-    """Perplexity and (unless tasks are "none") the zero-shot suite; returns the record fields."""
+def _request_cache_path(record_path: Path) -> Path:
+    return record_path.with_suffix(".requests.sqlite")
+
+
+def _drop_request_cache(record_path: Path) -> None:
+    """The run's record is written: its zero-shot request cache is no longer needed."""
+    cache = _request_cache_path(record_path)
+    for f in (cache, cache.with_name(cache.name + ".json")):
+        f.unlink(missing_ok=True)
+
+
+def evaluate_model(model, tokenizer, config: StudyConfig, windows: torch.Tensor, progress: bool,
+                   request_cache: Path | None = None) -> dict:
+    """Perplexity and (unless tasks are "none") the zero-shot suite; returns the record fields.
+    ``request_cache``: SQLite file of answered zero-shot requests (an interrupted run resumes)."""
     start = time.perf_counter()
     ppl = perplexity_units(model, windows, limit=config.ppl_limit, batch_size=config.ppl_batch_size,
                            progress=progress)
@@ -222,7 +235,8 @@ def evaluate_model(model, tokenizer, config: StudyConfig, windows: torch.Tensor,
         from rocketlm.evaluation.zeroshot import evaluate_zeroshot
         start = time.perf_counter()
         zeroshot = evaluate_zeroshot(model, tokenizer, config.task_names, data_dir=config.data_dir,
-                                     limit=config.limit, batch_size=config.batch_size, progress=progress)
+                                     limit=config.limit, batch_size=config.batch_size, progress=progress,
+                                     request_cache=request_cache)
         seconds["zeroshot"] = time.perf_counter() - start
     return {"ppl": ppl, "zeroshot": zeroshot, "eval_seconds": seconds}
 
@@ -259,10 +273,12 @@ class Study:
             model, tokenizer = self._ensure_model()
             log.info("study: evaluating the dense model")
             start = time.perf_counter()
-            record = {"spec": spec, "model": self.config.model, **evaluate_model(model, tokenizer, self.config,
-                                                                                 self._windows, self.progress)}
+            record = {"spec": spec, "model": self.config.model,
+                      **evaluate_model(model, tokenizer, self.config, self._windows, self.progress,
+                                       _request_cache_path(path))}
             record["wall_seconds"] = time.perf_counter() - start
             _write_json(path, record)
+            _drop_request_cache(path)
         return record
 
     def run_record(self, seed: int, ratio: float, cost: str) -> tuple[dict, list[LayerProfile] | None]:
@@ -283,9 +299,11 @@ class Study:
                   "stages": {name: st.to_json() for name, st in result.stats.items()},
                   "keys": dataclasses.asdict(result.keys) if result.keys else None,
                   "checks": result.checks}
-        record.update(evaluate_model(result.model, tokenizer, self.config, self._windows, self.progress))
+        record.update(evaluate_model(result.model, tokenizer, self.config, self._windows, self.progress,
+                                     _request_cache_path(path)))
         record["wall_seconds"] = time.perf_counter() - start
         _write_json(path, record)
+        _drop_request_cache(path)
         del result.model
         return record, result.profiles
 

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
 import math
 import os
 import platform
 import time
+from pathlib import Path
 from typing import Any
 
 from .data import EXPECTED_COUNTS, LOADERS, MissingDataError, resolve_data_dir
@@ -91,6 +94,55 @@ def _make_lm(model, tokenizer, batch_size, progress: bool):
             return super().generate_until(requests, disable_tqdm=disable_tqdm or not progress)
 
     return _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def model_content_hash(model) -> str:
+    """Hash of the model's config and a checksum of every parameter and buffer (shape, sum, sum of squares)."""
+    import torch
+
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    h.update((config.to_json_string(use_diff=False) if config is not None else type(model).__name__).encode())
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            t64 = t.detach().to(torch.float64)
+            h.update(f"{name}{tuple(t.shape)}{float(t64.sum())!r}{float(t64.square().sum())!r}".encode())
+    return h.hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def _request_cache(lm, path: str | os.PathLike | None, model):
+    """Wrap ``lm`` in lm-eval's ``CachingLM``: every request's answer is committed to the SQLite file
+    ``path`` as soon as it is computed, so an interrupted evaluation resumes where it stopped.
+
+    The file belongs to one model: its content hash is kept beside it (``<path>.json``) and a
+    cache written for another model is discarded.
+    """
+    if path is None:
+        yield lm
+        return
+    from lm_eval.api.model import CachingLM
+
+    path = Path(path)
+    identity_file = path.with_name(path.name + ".json")
+    identity = {"model_hash": model_content_hash(model)}
+    if path.exists():
+        try:
+            same = json.loads(identity_file.read_text()) == identity
+        except (OSError, ValueError):
+            same = False
+        if same:
+            logger.info("resuming zero-shot requests from %s", path)
+        else:
+            logger.warning("request cache %s was written for another model: starting afresh", path)
+            path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    identity_file.write_text(json.dumps(identity))
+    cached = CachingLM(lm, str(path))
+    try:
+        yield cached
+    finally:
+        cached.dbdict.close()
 
 
 def _num(x: Any) -> float | None:
@@ -198,7 +250,8 @@ def _average(tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def evaluate_zeroshot(model, tokenizer, tasks: list[str] | str, *, data_dir: str | None = None,
                       limit: int | None = None, batch_size: int | str = 8, device: str | None = None,
                       progress: bool = True, bootstrap_iters: int = 1000,
-                      model_info: dict[str, Any] | None = None) -> dict[str, Any]:
+                      model_info: dict[str, Any] | None = None,
+                      request_cache: str | os.PathLike | None = None) -> dict[str, Any]:
     """Zero-shot accuracy of an in-memory causal LM on the lm-eval task suite.
 
     ``model`` is evaluated as it is in memory (custom compact modules included) through
@@ -211,6 +264,8 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str] | str, *, data_dir: str
     back afterwards (None: evaluate where it is). ``bootstrap_iters`` only affects the
     stderr of LAMBADA's perplexity (the accuracies have closed-form stderrs).
     ``model_info`` (e.g. the checkpoint's achieved ratio) is copied into ``result["model"]``.
+    ``request_cache``: a SQLite file where every answered request is stored at once; a rerun
+    with the same file (and the same model) skips them, so an interrupted run loses nothing.
 
     Returns ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", ...,
     "per_example": {"doc_id": [...], "acc": [0/1...], ...}}}, "unavailable": {...},
@@ -245,7 +300,6 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str] | str, *, data_dir: str
                                + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
 
     _require_lm_eval()
-    from lm_eval.evaluator import evaluate
 
     moved_from = None
     was_training = getattr(model, "training", False)
@@ -261,24 +315,9 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str] | str, *, data_dir: str
     lm_versions: dict[str, Any] = {}
     try:
         with _quiet_lm_eval():
-            lm = _make_lm(model, tokenizer, batch_size, progress)
-        for name in run_names:
-            t0 = time.perf_counter()
-            with _quiet_lm_eval():
-                built = build_hub(name) if hub else build_local(name, docs[name])
-                res = evaluate(lm, built, limit=limit, log_samples=True, bootstrap_iters=bootstrap_iters)
-            wall = time.perf_counter() - t0
-            entry = _convert(name, res, built)
-            entry["wall_time_s"] = round(wall, 3)
-            entry["note"] = "" if hub else TASKS[name].note
-            entry["source"] = "hub" if hub else "local"
-            out_tasks[name] = entry
-            lm_versions.update({k: v for k, v in (res.get("versions") or {}).items()
-                                if k == name or not k.startswith(f"{name}_")})
-            acc = entry.get("acc")
-            logger.info("zero-shot %s: acc=%.4f%s n=%d (%.1fs)", name, float("nan") if acc is None else acc,
-                        f" acc_norm={entry['acc_norm']:.4f}" if entry.get("acc_norm") is not None else "",
-                        entry["n"], wall)
+            hf_lm = _make_lm(model, tokenizer, batch_size, progress)
+        with _request_cache(hf_lm, request_cache, model) as lm:
+            _run_tasks(lm, run_names, docs, hub, limit, bootstrap_iters, out_tasks, lm_versions)
     finally:
         if moved_from is not None:
             model.to(moved_from)
@@ -306,6 +345,29 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str] | str, *, data_dir: str
         "versions": {**_versions(), "lm_eval_tasks": {k: _num(v) if not isinstance(v, str) else v
                                                       for k, v in lm_versions.items()}},
     }
+
+
+def _run_tasks(lm, run_names, docs, hub, limit, bootstrap_iters, out_tasks, lm_versions) -> None:
+    """Evaluate each task in turn, filling ``out_tasks`` and ``lm_versions``."""
+    from lm_eval.evaluator import evaluate
+
+    for name in run_names:
+        t0 = time.perf_counter()
+        with _quiet_lm_eval():
+            built = build_hub(name) if hub else build_local(name, docs[name])
+            res = evaluate(lm, built, limit=limit, log_samples=True, bootstrap_iters=bootstrap_iters)
+        wall = time.perf_counter() - t0
+        entry = _convert(name, res, built)
+        entry["wall_time_s"] = round(wall, 3)
+        entry["note"] = "" if hub else TASKS[name].note
+        entry["source"] = "hub" if hub else "local"
+        out_tasks[name] = entry
+        lm_versions.update({k: v for k, v in (res.get("versions") or {}).items()
+                            if k == name or not k.startswith(f"{name}_")})
+        acc = entry.get("acc")
+        logger.info("zero-shot %s: acc=%.4f%s n=%d (%.1fs)", name, float("nan") if acc is None else acc,
+                    f" acc_norm={entry['acc_norm']:.4f}" if entry.get("acc_norm") is not None else "",
+                    entry["n"], wall)
 
 
 __all__ = ["evaluate_zeroshot", "AVERAGE_METRIC", "AVERAGE_DOC", "ALL_TASKS"]
