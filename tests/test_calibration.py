@@ -102,3 +102,15 @@ def test_documents_from_txt_and_jsonl(tmp_path):
         read_documents(tmp_path / "missing.txt")
     ids = tokenize_corpus(make_tiny_tokenizer(), (str(txt), str(jsonl)))
     assert ids.dtype == torch.int64 and ids.numel() >= 6
+
+
+@pytest.mark.parametrize("d,block", [(5, 384), (50, 16), (97, 24), (64, 64)])
+def test_blocked_gram_update_equals_full_product_and_is_symmetric(d, block):
+    from rocketlm.calibration.grams import add_gram_
+    gen = torch.Generator().manual_seed(d)
+    X = torch.randn(300, d, generator=gen, dtype=torch.float64)
+    G = torch.eye(d, dtype=torch.float64)
+    add_gram_(G, X, block=block)
+    add_gram_(G, 2 * X, block=block)
+    assert torch.allclose(G, torch.eye(d, dtype=torch.float64) + 5 * X.T @ X, rtol=1e-12, atol=1e-10)
+    assert torch.equal(G, G.T)

@@ -73,7 +73,7 @@ class GramAccumulator:
         X = X.to(torch.float64)
         if group not in self.result.grams:
             self.result.grams[group] = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
-        self.result.grams[group].addmm_(X.T, X)
+        add_gram_(self.result.grams[group], X)
 
     def end_batch(self, tokens: int) -> None:
         self._seen.clear()
@@ -158,3 +158,26 @@ def iterate_block_grams(model: nn.Module, structure: DecoderStructure, windows: 
         if progress is not None:
             progress.update(1)
         yield b, (accumulator.result if accumulator is not None else None)
+
+
+def add_gram_(G: torch.Tensor, X: torch.Tensor, block: int = 384) -> torch.Tensor:
+    """``G += X^T X`` computing only the block upper triangle (the lower one is its transpose).
+
+    With ``n`` column blocks this is ``(n + 1) / (2 n)`` of the GEMM work (62.5% for SmolLM2's
+    1536-wide down_proj input); the result is exactly symmetric.
+    """
+    d = X.shape[1]
+    n = max(1, round(d / block))
+    edges = [round(i * d / n) for i in range(n + 1)]
+    for i in range(n):
+        a, b = edges[i], edges[i + 1]
+        Xi = X[:, a:b]
+        for j in range(i, n):
+            c, e = edges[j], edges[j + 1]
+            part = Xi.T @ X[:, c:e]
+            if j == i:
+                G[a:b, a:b] += 0.5 * (part + part.T)  # a GEMM's diagonal block is symmetric only to rounding
+            else:
+                G[a:b, c:e] += part
+                G[c:e, a:b] += part.T
+    return G
