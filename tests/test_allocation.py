@@ -66,3 +66,21 @@ def test_alpha_cap_drops_expensive_candidates():
     assert capped.alpha is not None and 1.0 <= capped.alpha <= 2.0
     assert capped.total_cost >= free.total_cost - 1e-12
     assert capped.achieved_removed_ratio >= 0.3
+    cap = 1.0 if capped.alpha is None else capped.alpha
+    at_target = [min((c for c in candidate_choices([p], "weight")[0] if not c.dense),
+                     key=lambda c: abs(c.removed_ratio - 0.3)).cost for p in PROFILES]
+    assert all(c.dense or c.cost <= cap * sum(at_target) / len(at_target) + 1e-12 for c in capped.choices)
+
+
+def test_alpha_auto_solves_without_the_cap_when_no_cap_is_feasible():
+    # one layer's only removable candidate costs 100x the others: every cap <= 2.0 drops it,
+    # yet the target needs it, so "auto" falls back to the plain knapsack (still meeting the budget)
+    cheap = [LayerProfile(f"c{i}", 10, 10, 100, 200, f"c{i}", [Candidate(0.5, 1.0, 2, 2, 50, 100, 0.1, 0.1)])
+             for i in range(3)]
+    costly = LayerProfile("x", 10, 10, 100, 200, "x", [Candidate(0.5, 1.0, 2, 2, 50, 100, 10.0, 10.0)])
+    profiles = cheap + [costly]
+    with pytest.raises(InfeasibleAllocationError):
+        allocate(profiles, 0.5, "weight", alpha=2.0)
+    alloc = allocate(profiles, 0.5, "weight", alpha="auto")
+    assert alloc.alpha is None and alloc.achieved_removed_ratio >= 0.5
+    assert all(not c.dense for c in alloc.choices)

@@ -116,6 +116,13 @@ def test_config_validation_says_how_to_fix():
     assert len(grid.removed_ratios) == 14 and len(grid.ks) == 21
     cfg = RocketConfig(removed_ratio=0.2, grid=grid)
     assert RocketConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    # the reference's error cap is on by default; "off" (any case) turns it off; a factor < 1 is refused
+    assert cfg.alpha == "auto"
+    assert RocketConfig(alpha="OFF").alpha is None and RocketConfig(alpha="1.3").alpha == 1.3
+    with pytest.raises(ConfigError, match="alpha"):
+        RocketConfig(alpha=0.5)
+    with pytest.raises(ConfigError, match="alpha"):
+        RocketConfig(alpha="sometimes")
 
 
 class _Uniform(torch.nn.Module):
