@@ -186,8 +186,8 @@ def _section_statistics(study: dict) -> list[str]:
             lines += _ppl_lines(entry["perplexity"], ref, other)
             ppl_ci = entry["perplexity"].get("ratio_ci")
             if ppl_ci:
-                rel = 100 * entry["perplexity"]["relative_diff"]["mean"]
-                summary.append(f"perplexity {rel:+.2f}%: the difference is "
+                rel = 100 * (ppl_ci["ratio"] - 1.0)  # the statistic the verdict is about
+                summary.append(f"perplexity {rel:+.2f}% (bootstrap ratio): the difference is "
                                + ("**significant**" if ppl_ci["significant"] else "**not significant**"))
             if summary:
                 lines.append(f"- In plain words, at removed ratio {rk}: " + "; ".join(summary) + ".")
