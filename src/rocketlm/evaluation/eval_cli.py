@@ -22,6 +22,7 @@ def add_eval_parser(sub) -> None:
 
 def run_eval(args: argparse.Namespace, load_any) -> int:
     from rocketlm.evaluation.zeroshot import evaluate_zeroshot, format_table, resolve_tasks, save_json
+    from rocketlm.evaluation.zeroshot.runner import remove_request_cache, request_cache_path
 
     tasks = resolve_tasks(args.tasks)  # unknown names fail before the model is loaded
     model, tokenizer = load_any(args.model, args.device)
@@ -31,7 +32,7 @@ def run_eval(args: argparse.Namespace, load_any) -> int:
         info.update(achieved_removed_ratio=manifest["allocation"]["achieved_removed_ratio"],
                     cost=manifest["config"]["cost"], rocketlm_config=manifest["config"])
     batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    cache = Path(args.out).with_suffix(".requests.sqlite") if args.out else None
+    cache = request_cache_path(args.out) if args.out else None
     result = evaluate_zeroshot(model, tokenizer, tasks, data_dir=args.data, limit=args.limit, batch_size=batch,
                                device=args.device, progress=not args.quiet, model_info=info, request_cache=cache)
     print(format_table(result))
@@ -39,6 +40,5 @@ def run_eval(args: argparse.Namespace, load_any) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_json(result, args.out)
         print(f"wrote {args.out}")
-        for f in (cache, cache.with_name(cache.name + ".json")):
-            f.unlink(missing_ok=True)
+        remove_request_cache(cache)
     return 0

@@ -99,8 +99,15 @@ class LayerBasis:
 _EIGH_MAX_CONDITION = 1e5
 
 
-def _whitened_svd(M: torch.Tensor, W: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(sigma, B, SinvQ)`` of the thin SVD ``M = Q diag(sigma) V^T`` (float64), largest first.
+def _descending_eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Square roots of the eigenvalues (clamped at 0) and eigenvectors of a symmetric ``G``, largest first."""
+    lam, vecs = torch.linalg.eigh(G)
+    return lam.flip(0).clamp_min(0).sqrt(), vecs.flip(1)
+
+
+def _whitened_svd(M: torch.Tensor, W: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, SinvQ)`` of the thin SVD ``M = Q diag(sigma) V^T`` (float64, largest first):
+    ``B = diag(sigma) V^T`` and ``SinvQ = S^-1 Q``.
 
     Computed from the eigendecomposition of the smaller Gram of ``M`` (``M M^T`` or ``M^T M``;
     ROCKET.md 3.1: "equivalently eigenvectors of M M^T"), about 3x faster than an SVD on CPU.
@@ -109,21 +116,16 @@ def _whitened_svd(M: torch.Tensor, W: torch.Tensor, S: torch.Tensor) -> tuple[to
     """
     d_in, d_out = M.shape
     if d_in <= d_out:
-        lam, Q = torch.linalg.eigh(M @ M.T)
-        lam, Q = lam.flip(0), Q.flip(1)
-        sigma = lam.clamp_min(0).sqrt()
+        sigma, Q = _descending_eigh(M @ M.T)
         if sigma[-1] * _EIGH_MAX_CONDITION > sigma[0]:
-            B = Q.T @ M
-            return sigma, B, torch.linalg.solve_triangular(S, Q, upper=True)
+            return Q.T @ M, torch.linalg.solve_triangular(S, Q, upper=True)
     else:
-        lam, V = torch.linalg.eigh(M.T @ M)
-        lam, V = lam.flip(0), V.flip(1)
-        sigma = lam.clamp_min(0).sqrt()
+        sigma, V = _descending_eigh(M.T @ M)
         if sigma[-1] * _EIGH_MAX_CONDITION > sigma[0]:
             # Q = M V / sigma, so S^-1 Q = W V / sigma: no triangular solve needed
-            return sigma, sigma[:, None] * V.T, (W @ V) / sigma
+            return sigma[:, None] * V.T, (W @ V) / sigma
     Q, sigma, Vt = torch.linalg.svd(M, full_matrices=False)
-    return sigma, sigma[:, None] * Vt, torch.linalg.solve_triangular(S, Q, upper=True)
+    return sigma[:, None] * Vt, torch.linalg.solve_triangular(S, Q, upper=True)
 
 
 def layer_basis(W: torch.Tensor, S: torch.Tensor, importance_power: float = 0.5,
@@ -131,7 +133,7 @@ def layer_basis(W: torch.Tensor, S: torch.Tensor, importance_power: float = 0.5,
     """Whitened SVD of one layer. ``W``: d_in x d_out; ``S``: upper whitening factor (float64)."""
     W64 = W.to(torch.float64)
     M = S @ W64
-    sigma, B, SinvQ = _whitened_svd(M, W64, S)
+    B, SinvQ = _whitened_svd(M, W64, S)
     H = SinvQ.T @ SinvQ
     atom_weight = (SinvQ.norm(dim=0) ** importance_power).to(dtype)
     row_sq = B.square().sum(dim=1)

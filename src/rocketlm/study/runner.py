@@ -29,6 +29,7 @@ from rocketlm.allocation.plan import Allocation
 from rocketlm.calibration.data import DataError, data_dir
 from rocketlm.config import ConfigError, RocketConfig
 from rocketlm.evaluation.perplexity import WIKITEXT_TEST, perplexity, token_windows, wikitext2_text
+from rocketlm.evaluation.zeroshot.runner import remove_request_cache, request_cache_path
 from rocketlm.pipeline import compress
 from rocketlm.profiling.profile import LayerProfile
 from rocketlm.study import analysis, compare
@@ -211,17 +212,6 @@ def perplexity_units(model, windows: torch.Tensor, *, limit: int | None, batch_s
             "seconds": seconds, "unit_windows": batch_size, "unit_nll": unit_nll, "unit_tokens": unit_tokens}
 
 
-def _request_cache_path(record_path: Path) -> Path:
-    return record_path.with_suffix(".requests.sqlite")
-
-
-def _drop_request_cache(record_path: Path) -> None:
-    """The run's record is written: its zero-shot request cache is no longer needed."""
-    cache = _request_cache_path(record_path)
-    for f in (cache, cache.with_name(cache.name + ".json")):
-        f.unlink(missing_ok=True)
-
-
 def evaluate_model(model, tokenizer, config: StudyConfig, windows: torch.Tensor, progress: bool,
                    request_cache: Path | None = None) -> dict:
     """Perplexity and (unless tasks are "none") the zero-shot suite; returns the record fields.
@@ -275,10 +265,10 @@ class Study:
             start = time.perf_counter()
             record = {"spec": spec, "model": self.config.model,
                       **evaluate_model(model, tokenizer, self.config, self._windows, self.progress,
-                                       _request_cache_path(path))}
+                                       request_cache_path(path))}
             record["wall_seconds"] = time.perf_counter() - start
             _write_json(path, record)
-            _drop_request_cache(path)
+            remove_request_cache(request_cache_path(path))
         return record
 
     def run_record(self, seed: int, ratio: float, cost: str) -> tuple[dict, list[LayerProfile] | None]:
@@ -300,10 +290,10 @@ class Study:
                   "keys": dataclasses.asdict(result.keys) if result.keys else None,
                   "checks": result.checks}
         record.update(evaluate_model(result.model, tokenizer, self.config, self._windows, self.progress,
-                                     _request_cache_path(path)))
+                                     request_cache_path(path)))
         record["wall_seconds"] = time.perf_counter() - start
         _write_json(path, record)
-        _drop_request_cache(path)
+        remove_request_cache(request_cache_path(path))
         del result.model
         return record, result.profiles
 

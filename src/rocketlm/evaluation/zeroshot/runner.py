@@ -110,6 +110,22 @@ def model_content_hash(model) -> str:
     return h.hexdigest()[:20]
 
 
+def request_cache_path(result_path: str | os.PathLike) -> Path:
+    """Where the request cache of a run whose result goes to ``result_path`` lives."""
+    return Path(result_path).with_suffix(".requests.sqlite")
+
+
+def _identity_file(cache: Path) -> Path:
+    return cache.with_name(cache.name + ".json")
+
+
+def remove_request_cache(path: str | os.PathLike) -> None:
+    """Delete a request cache and its model tag (once the run's result is written)."""
+    path = Path(path)
+    for f in (path, _identity_file(path)):
+        f.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def _request_cache(lm, path: str | os.PathLike | None, model):
     """Wrap ``lm`` in lm-eval's ``CachingLM``: every request's answer is committed to the SQLite file
@@ -124,7 +140,7 @@ def _request_cache(lm, path: str | os.PathLike | None, model):
     from lm_eval.api.model import CachingLM
 
     path = Path(path)
-    identity_file = path.with_name(path.name + ".json")
+    identity_file = _identity_file(path)
     identity = {"model_hash": model_content_hash(model)}
     if path.exists():
         try:
