@@ -19,9 +19,11 @@ import torch
 from rocketlm import GridConfig, RocketConfig, load_model
 from rocketlm.allocation.plan import allocate
 from rocketlm.models.discovery import decoder_structure
-from rocketlm.pipeline import (calibration_windows, default_cache_dir, model_fingerprint, run_calibration,
-                               run_keys, run_profiling)
-from rocketlm.profiling.store import GramStore, ProfileStore
+from rocketlm.calibration.run import calibration_windows, run_calibration
+from rocketlm.pipeline import default_cache_dir, run_keys, targets_fingerprint
+from rocketlm.profiling.run import run_profiling
+from rocketlm.calibration.store import GramStore
+from rocketlm.profiling.store import ProfileStore
 
 
 def main() -> None:
@@ -42,7 +44,7 @@ def main() -> None:
     structure = decoder_structure(model)
     value_dtype = next(model.parameters()).dtype
     windows, _ = calibration_windows(tok, config, args.data)
-    keys = run_keys(model_fingerprint(model, structure), windows, structure, config, value_dtype)
+    keys = run_keys(targets_fingerprint(model, structure), windows, structure, config, value_dtype)
     grams = GramStore(args.cache_dir or default_cache_dir(), keys.calibration, {})
     start = time.perf_counter()
     run_calibration(model, structure, windows, config, grams, progress=False)
@@ -64,7 +66,7 @@ def main() -> None:
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for cost in ("weight", "output"):
             start = time.perf_counter()
-            alloc = allocate(profiles, ratio, cost)
+            alloc = allocate(profiles, ratio, cost, alpha=None)
             print(json.dumps({"ratio": ratio, "cost": cost, "solve_s": round(time.perf_counter() - start, 4),
                               "achieved": round(alloc.achieved_removed_ratio, 5),
                               "gap_to_lp_bound": alloc.total_cost - alloc.lower_bound}))

@@ -36,7 +36,7 @@ def test_best_ks_is_chosen_by_the_same_cost():
 @pytest.mark.parametrize("cost", ["weight", "output"])
 @pytest.mark.parametrize("target", [0.05, 0.2, 0.45, 0.65])
 def test_allocation_is_optimal_and_meets_the_budget(cost, target):
-    alloc = allocate(PROFILES, target, cost)
+    alloc = allocate(PROFILES, target, cost, alpha=None)
     assert alloc.achieved_removed_ratio >= target - 1e-12
     options = candidate_choices(PROFILES, cost)
     total = sum(p.dense_values for p in PROFILES)
@@ -50,18 +50,18 @@ def test_allocation_is_optimal_and_meets_the_budget(cost, target):
 
 
 def test_bytes_budget_counts_bytes():
-    alloc = allocate(PROFILES, 0.4, "output", budget_count="bytes")
+    alloc = allocate(PROFILES, 0.4, "output", budget_count="bytes", alpha=None)
     assert alloc.achieved_removed_bytes_ratio >= 0.4
     assert alloc.kept_bytes == sum(c.kept_bytes for c in alloc.choices)
 
 
 def test_infeasible_target_is_an_error_not_a_fallback():
     with pytest.raises(InfeasibleAllocationError, match="Lower --ratio"):
-        allocate(PROFILES, 0.8, "weight")
+        allocate(PROFILES, 0.8, "weight", alpha=None)
 
 
 def test_alpha_cap_drops_expensive_candidates():
-    free = allocate(PROFILES, 0.3, "weight")
+    free = allocate(PROFILES, 0.3, "weight", alpha=None)
     capped = allocate(PROFILES, 0.3, "weight", alpha="auto")
     assert capped.alpha is not None and 1.0 <= capped.alpha <= 2.0
     assert capped.total_cost >= free.total_cost - 1e-12

@@ -147,7 +147,7 @@ def test_allocation_difference_and_sweep():
     # layer a: weight error favours compressing it, output error favours layer b
     a = _profile("model.layers.0.mlp.up_proj", {(0.5, 1.0): (0.1, 0.9)})
     b = _profile("model.layers.0.mlp.down_proj", {(0.5, 1.0): (0.9, 0.1)})
-    aw, ao = allocate([a, b], 0.25, "weight"), allocate([a, b], 0.25, "output")
+    aw, ao = allocate([a, b], 0.25, "weight", alpha=None), allocate([a, b], 0.25, "output", alpha=None)
     diff = analysis.allocation_difference(aw, ao)
     assert diff["n_layers"] == 2 and diff["n_differ"] == 2 and diff["n_differ_ratio"] == 2
     assert diff["mean_abs_kept_diff"] == pytest.approx(0.5)

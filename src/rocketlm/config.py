@@ -9,18 +9,17 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
+from rocketlm.allocation.costs import available_costs
+from rocketlm.errors import ConfigError  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
 
 DEFAULT_REMOVED_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 15))  # 0.05 .. 0.70
 DEFAULT_KS = tuple(round(1.0 + 0.1 * i, 1) for i in range(21))  # 1.0 .. 3.0
 
-COSTS = ("weight", "output")  # extended at run time by rocketlm.allocation.costs.register_cost
 BUDGET_COUNTS = ("values", "bytes")
 
 
-class ConfigError(ValueError):
-    """A configuration value is out of range; the message says which and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -51,20 +50,24 @@ class GridConfig:
             raise ConfigError(f"--grid {text!r}: expected 'removed=START:STOP:STEP;ks=START:STOP:STEP' (or comma lists)")
         kwargs = {}
         if "removed" in parts:
-            kwargs["removed_ratios"] = _parse_values(parts["removed"])
+            kwargs["removed_ratios"] = parse_values(parts["removed"])
         if "ks" in parts:
-            kwargs["ks"] = _parse_values(parts["ks"])
+            kwargs["ks"] = parse_values(parts["ks"])
         return cls(**kwargs)
 
 
-def _parse_values(text: str) -> tuple[float, ...]:
-    if ":" in text:
-        start, stop, step = (float(v) for v in text.split(":"))
-        if step <= 0:
-            raise ConfigError(f"grid range {text!r}: step must be > 0")
-        count = int(round((stop - start) / step)) + 1
-        return tuple(round(start + i * step, 6) for i in range(count))
-    return tuple(float(v) for v in text.split(",") if v)
+def parse_values(text: str, what: str = "grid range") -> tuple[float, ...]:
+    """``"START:STOP:STEP"`` (inclusive) or a comma list ``"0.2,0.5"`` -> floats; ``what`` names the flag in errors."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0:
+                raise ValueError("step must be > 0")
+            count = int(round((stop - start) / step)) + 1
+            return tuple(round(start + i * step, 6) for i in range(count))
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{what} {text!r}: expected comma-separated numbers or START:STOP:STEP ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -150,8 +153,4 @@ class RocketConfig:
 
 
 def _known_costs() -> tuple[str, ...]:
-    try:
-        from rocketlm.allocation.costs import available_costs
-    except ImportError:  # pragma: no cover - during package bootstrap
-        return COSTS
     return available_costs()

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from rocketlm.profiling.profile import Candidate, LayerProfile
+if TYPE_CHECKING:  # the registry needs no profiling code at run time (config.py imports it)
+    from rocketlm.profiling.profile import Candidate, LayerProfile
 
-CostFn = Callable[[LayerProfile, Candidate], float]
+CostFn = Callable[["LayerProfile", "Candidate"], float]
 
 
 @dataclass(frozen=True)

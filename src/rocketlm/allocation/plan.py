@@ -16,13 +16,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from rocketlm.allocation.costs import get_cost
+from rocketlm.config import RocketConfig
 from rocketlm.allocation.knapsack import InfeasibleBudgetError, solve_mckp
 from rocketlm.profiling.profile import Candidate, LayerProfile
+from rocketlm.errors import InfeasibleAllocationError  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-class InfeasibleAllocationError(ValueError):
-    """The target ratio cannot be met with the profiled candidates; the message says how to fix it."""
 
 
 ALPHA_GRID = tuple(round(1.0 + 0.1 * i, 1) for i in range(11))
@@ -152,8 +152,8 @@ def _alpha_filter(options: list[list[LayerChoice]], target: float, alpha: float)
     return [[o for o in opts if o.dense or o.cost <= cap] for opts in options]
 
 
-def allocate(profiles: list[LayerProfile], removed_ratio: float, cost: str = "weight",
-             budget_count: str = "values", alpha: float | str | None = None) -> Allocation:
+def allocate(profiles: list[LayerProfile], removed_ratio: float, cost: str = RocketConfig.cost,
+             budget_count: str = RocketConfig.budget_count, alpha: float | str | None = RocketConfig.alpha) -> Allocation:
     """Solve the multiple-choice knapsack; raises :class:`InfeasibleBudgetError` when the target
     cannot be met (never a silent fallback)."""
     start = time.perf_counter()

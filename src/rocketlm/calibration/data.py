@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import torch
+from rocketlm.errors import DataError  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +17,6 @@ DATA_ENV = "ROCKETLM_DATA"
 _DOC_TAG = re.compile(r"</?doc[^>]*>")
 
 
-class DataError(ValueError):
-    """A data file is missing or unreadable; the message says how to fix it."""
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path:

@@ -15,12 +15,11 @@ import torch
 from torch import nn
 
 from rocketlm.models.discovery import DecoderStructure
+from rocketlm.errors import CalibrationError  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
 
-class CalibrationError(RuntimeError):
-    """Calibration produced unusable statistics (e.g. a NaN/Inf activation)."""
 
 
 class _StopForward(Exception):

@@ -13,14 +13,15 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rocketlm.allocation.plan import Allocation
-from rocketlm.compression.modules import SparseDictionaryLinear, index_dtype, mask_from_rows, rows_from_mask
+from rocketlm.compression.apply import replace_module
+from rocketlm.compression.modules import SparseDictionaryLinear
 from rocketlm.config import FORMAT_VERSION
+from rocketlm.errors import CheckpointError  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -28,22 +29,10 @@ MANIFEST = "rocketlm.json"
 WEIGHTS = "model.safetensors"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt; the message says what and how to fix it."""
 
 
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
-
-
-def _pack_mask(rows: torch.Tensor, k: int) -> torch.Tensor:
-    mask = mask_from_rows(rows, k).cpu().numpy()
-    return torch.from_numpy(np.packbits(mask.reshape(-1)))
-
-
-def _unpack_mask(bits: torch.Tensor, k: int, d_out: int) -> torch.Tensor:
-    flat = np.unpackbits(bits.numpy(), count=k * d_out)
-    return torch.from_numpy(flat.reshape(k, d_out).astype(bool))
 
 
 def _compressed_modules(model: torch.nn.Module) -> dict[str, SparseDictionaryLinear]:
@@ -63,15 +52,7 @@ def _unique_state(model: torch.nn.Module):
 
 def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every persistent tensor once (tied tensors under their first name), compressed layers packed."""
-    tensors = {}
-    compressed = _compressed_modules(model)
-    for name, tensor in _unique_state(model):
-        owner, _, leaf = name.rpartition(".")
-        if owner in compressed and leaf == "V_rows":
-            tensors[f"{owner}.V_mask"] = _pack_mask(tensor, compressed[owner].k)
-        else:
-            tensors[name] = tensor.detach().contiguous().cpu()
-    return tensors
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in _unique_state(model)}
 
 
 def _sha256(path: Path) -> str:
@@ -87,7 +68,7 @@ def dense_model_bytes(model: torch.nn.Module) -> int:
     total = sum(tensor.numel() * tensor.element_size() for _, tensor in _unique_state(model))
     for module in _compressed_modules(model).values():
         element = module.U.element_size()
-        total -= (module.U.numel() + module.V_values.numel()) * element + module.V_rows.numel() * module.V_rows.element_size()
+        total -= (module.U.numel() + module.V_values.numel()) * element + module.V_mask.numel()
         total += module.in_features * module.out_features * element
     return total
 
@@ -176,16 +157,11 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify
         if choice.dense:
             continue
         prefix = choice.name
-        try:
-            bits = tensors.pop(f"{prefix}.V_mask")
-        except KeyError:
-            raise CheckpointError(f"{path}: tensors of compressed layer {prefix} are missing; corrupt checkpoint") from None
-        rows = rows_from_mask(_unpack_mask(bits, choice.k, choice.d_out), choice.s)
-        tensors[f"{prefix}.V_rows"] = rows.to(index_dtype(choice.k))
+        if f"{prefix}.V_mask" not in tensors:
+            raise CheckpointError(f"{path}: tensors of compressed layer {prefix} are missing; corrupt checkpoint")
         module = SparseDictionaryLinear(choice.d_in, choice.d_out, choice.k, choice.s,
                                         bias=f"{prefix}.bias" in tensors, dtype=dtype, device="meta")
-        parent, _, child = prefix.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
+        replace_module(model, prefix, module)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]}...; the checkpoint does not match its config")
@@ -207,6 +183,5 @@ def densify(model: torch.nn.Module) -> torch.nn.Module:
                 linear.weight.copy_(module.dense_weight())
                 if module.bias is not None:
                     linear.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, linear)
+            replace_module(model, name, linear)
     return model

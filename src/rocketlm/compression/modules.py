@@ -1,17 +1,46 @@
-"""The compressed linear module: ``y = (x U) V + b`` with ``V`` column-sparse.
+"""The compressed linear layer in its canonical (stored) form: ``y = (x U) V + b`` with ``V`` column-sparse.
 
-``V`` (k x d_out) has exactly ``s`` nonzeros per column. It is held compactly: ``V_values``
-(s x d_out, column j's nonzeros in increasing row order) and ``V_rows`` (their row indices,
-int16 when k fits, else int32). On disk the positions are a packed bitmap (see checkpoint).
+``V`` (k x d_out) has exactly ``s`` nonzeros per column, held as ``V_values`` (s x d_out, column
+j's nonzeros in increasing row order) and ``V_mask``, the k x d_out nonzero pattern packed into
+bits (uint8, most significant bit first, as ``numpy.packbits``). The state dict holds exactly the
+tensors of a checkpoint (``U``, ``V_values``, ``V_mask``, ``bias``), so loading is by name.
+
+This form is for storage and checks; :mod:`rocketlm.runtime` turns it into the form that runs
+fastest on the device (its forward here rebuilds ``V`` on every call).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
 
-def index_dtype(k: int) -> torch.dtype:
-    return torch.int16 if k <= torch.iinfo(torch.int16).max else torch.int32
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> its row-major bits packed into uint8 (MSB first, zero padded), on the same device."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
+    return (flat.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(bits: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: a ``rows x cols`` bool tensor."""
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
+    flat = ((bits.reshape(-1, 1) >> shifts) & 1).reshape(-1)[: rows * cols]
+    return flat.reshape(rows, cols).bool()
+
+
+def packed_mask_numel(k: int, d_out: int) -> int:
+    return (k * d_out + 7) // 8
+
+
+def rows_from_mask(mask: torch.Tensor, s: int) -> torch.Tensor:
+    """Row indices (s x d_out, int64, increasing within each column) of a k x d_out mask with s entries per column."""
+    d_out = mask.shape[1]
+    return torch.nonzero(mask.T, as_tuple=False)[:, 1].reshape(d_out, s).T.contiguous()
 
 
 class SparseDictionaryLinear(nn.Module):
@@ -21,7 +50,8 @@ class SparseDictionaryLinear(nn.Module):
         self.in_features, self.out_features, self.k, self.s = in_features, out_features, k, s
         self.U = nn.Parameter(torch.empty(in_features, k, dtype=dtype, device=device), requires_grad=False)
         self.V_values = nn.Parameter(torch.empty(s, out_features, dtype=dtype, device=device), requires_grad=False)
-        self.register_buffer("V_rows", torch.empty(s, out_features, dtype=index_dtype(k), device=device))
+        self.register_buffer("V_mask", torch.empty(packed_mask_numel(k, out_features), dtype=torch.uint8,
+                                                   device=device))
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
 
@@ -34,18 +64,23 @@ class SparseDictionaryLinear(nn.Module):
         counts = mask.sum(dim=0)
         if not bool((counts == s).all()):
             raise ValueError(f"V must have exactly {s} nonzeros per column, got {counts.min()}..{counts.max()}")
-        rows = rows_from_mask(mask, s)
         module = cls(d_in, d_out, k, s, bias=bias is not None, dtype=dtype, device=U.device)
         module.U.data.copy_(U.to(dtype))
-        module.V_values.data.copy_(torch.gather(V, 0, rows).to(dtype))
-        module.V_rows.copy_(rows.to(module.V_rows.dtype))
+        module.V_values.data.copy_(torch.gather(V, 0, rows_from_mask(mask, s)).to(dtype))
+        module.V_mask.copy_(pack_mask(mask))
         if bias is not None:
             module.bias.data.copy_(bias.to(dtype))
         return module
 
+    def mask(self) -> torch.Tensor:
+        return unpack_mask(self.V_mask, self.k, self.out_features)
+
+    def rows(self) -> torch.Tensor:
+        return rows_from_mask(self.mask(), self.s)
+
     def dense_V(self) -> torch.Tensor:
         V = torch.zeros(self.k, self.out_features, dtype=self.V_values.dtype, device=self.V_values.device)
-        return V.scatter_(0, self.V_rows.long(), self.V_values)
+        return V.scatter_(0, self.rows(), self.V_values)
 
     def dense_weight(self) -> torch.Tensor:
         """``W_hat^T`` in ``nn.Linear.weight`` layout (out x in), for export and checks."""
@@ -57,14 +92,3 @@ class SparseDictionaryLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, s={self.s}"
-
-
-def rows_from_mask(mask: torch.Tensor, s: int) -> torch.Tensor:
-    """Row indices (s x d_out, increasing within each column) of a k x d_out mask with s entries per column."""
-    d_out = mask.shape[1]
-    return torch.nonzero(mask.T, as_tuple=False)[:, 1].reshape(d_out, s).T.contiguous()
-
-
-def mask_from_rows(rows: torch.Tensor, k: int) -> torch.Tensor:
-    mask = torch.zeros(k, rows.shape[1], dtype=torch.bool, device=rows.device)
-    return mask.scatter_(0, rows.long(), True)

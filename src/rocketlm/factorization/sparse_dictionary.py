@@ -23,10 +23,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+from rocketlm.errors import WhiteningError  # noqa: F401  (re-exported)
 
 
-class WhiteningError(RuntimeError):
-    """The Gram matrix cannot be whitened (non-finite values)."""
 
 
 def candidate_shape(d_in: int, d_out: int, removed_ratio: float, ks: float) -> tuple[int, int]:

@@ -10,10 +10,9 @@ import re
 from dataclasses import dataclass
 
 from torch import nn
+from rocketlm.errors import UnsupportedModelError  # noqa: F401  (re-exported)
 
 
-class UnsupportedModelError(ValueError):
-    """The model's structure is not one rocketlm can compress; the message says what is missing."""
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rocketlm.errors import ModelLoadError  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(RuntimeError):
-    """The model could not be found or loaded; the message says how to fix it."""
 
 
 @dataclass(frozen=True)

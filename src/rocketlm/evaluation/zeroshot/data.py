@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Callable
+from rocketlm.errors import MissingDataError  # noqa: F401  (re-exported)
 
 DATA_ENV = "ROCKETLM_DATA"
 
@@ -75,8 +76,6 @@ MMLU_SUBJECTS: dict[str, str] = {
 }
 
 
-class MissingDataError(FileNotFoundError):
-    """Local evaluation data is missing or malformed; the message says what to do."""
 
 
 # --------------------------------------------------------------------------- locating data

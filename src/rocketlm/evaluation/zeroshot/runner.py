@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import EXPECTED_COUNTS, LOADERS, MissingDataError, resolve_data_dir
+from rocketlm.storage import model_fingerprint
 from .tasks import ALL_TASKS, RACE_UNAVAILABLE, TASKS, build_hub, build_local, describe_task, resolve_tasks
 
 logger = logging.getLogger(__name__)
@@ -96,20 +96,6 @@ def _make_lm(model, tokenizer, batch_size, progress: bool):
     return _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
-def model_content_hash(model) -> str:
-    """Hash of the model's config and a checksum of every parameter and buffer (shape, sum, sum of squares)."""
-    import torch
-
-    h = hashlib.sha256()
-    config = getattr(model, "config", None)
-    h.update((config.to_json_string(use_diff=False) if config is not None else type(model).__name__).encode())
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            t64 = t.detach().to(torch.float64)
-            h.update(f"{name}{tuple(t.shape)}{float(t64.sum())!r}{float(t64.square().sum())!r}".encode())
-    return h.hexdigest()[:20]
-
-
 def request_cache_path(result_path: str | os.PathLike) -> Path:
     """Where the request cache of a run whose result goes to ``result_path`` lives."""
     return Path(result_path).with_suffix(".requests.sqlite")
@@ -141,7 +127,7 @@ def _request_cache(lm, path: str | os.PathLike | None, model):
 
     path = Path(path)
     identity_file = _identity_file(path)
-    identity = {"model_hash": model_content_hash(model)}
+    identity = {"model_hash": model_fingerprint(model)}
     if path.exists():
         try:
             same = json.loads(identity_file.read_text()) == identity

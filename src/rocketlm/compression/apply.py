@@ -1,0 +1,65 @@
+"""The compression stage: factor every allocated layer with its chosen candidate and swap in the
+compressed module; :func:`replace_module` is the one place a module of a model is swapped."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from rocketlm.allocation.plan import Allocation, LayerChoice
+from rocketlm.calibration.store import GramStore
+from rocketlm.compression.modules import SparseDictionaryLinear
+from rocketlm.config import RocketConfig
+from rocketlm.errors import ErrorMismatchError
+from rocketlm.factorization.sparse_dictionary import Factorization, direct_errors, factorize_candidate, layer_basis
+from rocketlm.factorization.whitening import weight_matrix, whitened_layers
+from rocketlm.models.discovery import DecoderStructure
+
+
+def replace_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> torch.nn.Module:
+    """Put ``module`` at dotted path ``name`` of ``model``; returns the module it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, module)
+    return old
+
+
+def apply_allocation(model, structure: DecoderStructure, allocation: Allocation, grams_store: GramStore,
+                     config: RocketConfig, value_dtype: torch.dtype, progress: bool = True) -> dict:
+    """Factor every non-dense layer with its chosen candidate and swap in the compressed module.
+
+    The factorization is the profiled one (same function, same dtype); its errors must agree
+    with the profiled errors, and the errors recomputed from the shipped ``U V`` in float64
+    must agree too (within float32 rounding of the profiling algebra). Returns the worst gaps.
+    """
+    modules = dict(model.named_modules())
+    device = next(model.parameters()).device
+    dtype = getattr(torch, config.profile_dtype)
+    by_name = {c.name: c for c in allocation.choices if not c.dense}
+    worst = {"profile_vs_shipped": 0.0, "profile_vs_direct": 0.0}
+    with tqdm(total=len(by_name), desc="compression (layers)", disable=not progress) as bar:
+        for name, S, _ in whitened_layers(structure, grams_store, by_name.__contains__, config.whitening_eps, device):
+            choice, linear = by_name[name], modules[name]
+            W = weight_matrix(linear)
+            basis = layer_basis(W, S, importance_power=config.importance_power, dtype=dtype)
+            fact = factorize_candidate(basis, choice.k, choice.s, ridge_rel=config.ridge_rel, with_factors=True)
+            module = SparseDictionaryLinear.from_factors(fact.U, fact.V, fact.mask, choice.s, linear.bias,
+                                                         value_dtype)
+            e_w, e_o = direct_errors(W, S, module.U.double() @ module.dense_V().double())
+            check_agreement(name, worst, choice, fact, e_w, e_o)
+            replace_module(model, name, module.to(device))
+            bar.update(1)
+    return worst
+
+
+def check_agreement(name: str, worst: dict, choice: LayerChoice, fact: Factorization, e_w: float, e_o: float) -> None:
+    """Raise :class:`ErrorMismatchError` when the shipped factors do not reproduce the profiled errors."""
+    shipped = max(abs(fact.error_weight - choice.error_weight), abs(fact.error_output - choice.error_output))
+    direct = max(abs(e_w - choice.error_weight), abs(e_o - choice.error_output))
+    worst["profile_vs_shipped"] = max(worst["profile_vs_shipped"], shipped)
+    worst["profile_vs_direct"] = max(worst["profile_vs_direct"], direct)
+    if shipped > 1e-4 + 1e-3 * choice.error_weight or direct > 5e-3 + 2e-2 * max(e_w, e_o):
+        raise ErrorMismatchError(
+            f"{name}: profiled errors (weight {choice.error_weight:.5f}, output {choice.error_output:.5f}) differ from "
+            f"the shipped factors' (recomputed {fact.error_weight:.5f}/{fact.error_output:.5f}, "
+            f"direct {e_w:.5f}/{e_o:.5f}); the profile cache may be stale: delete it and rerun")
