@@ -1,0 +1,58 @@
+"""Run-time forms of compressed layers and the per-device choice between them."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rocketlm.compression.apply import replace_module
+from rocketlm.compression.modules import SparseDictionaryLinear
+from rocketlm.errors import ConfigError
+from rocketlm.runtime.forms import FORMS, FactoredLinear, SparseFactoredLinear, build_form, form_bytes, form_flops
+from rocketlm.runtime.select import FormTable, choose_form
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", *FORMS, "canonical")
+
+__all__ = ["RUNTIMES", "FORMS", "FactoredLinear", "SparseFactoredLinear", "convert_model", "form_bytes",
+           "form_flops", "plan_forms"]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("ROCKETLM_CACHE") or Path.home() / ".cache" / "rocketlm")
+
+
+def plan_forms(model: torch.nn.Module, runtime: str = "auto", cache_dir: str | os.PathLike | None = None,
+               progress: bool = False) -> dict[str, str]:
+    """Form per compressed layer: ``runtime`` itself, or (``auto``) the measured fastest on the model's device."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime={runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseDictionaryLinear)}
+    if runtime != "auto":
+        return {name: runtime for name in layers}
+    if not layers:
+        return {}
+    first = next(iter(layers.values()))
+    table = FormTable(first.U.device, first.U.dtype, Path(cache_dir) if cache_dir else _cache_dir())
+    shapes = sorted({(m.in_features, m.out_features, m.k, m.s) for m in layers.values()})
+    chosen = {}
+    for shape in tqdm(shapes, desc="runtime forms (shapes)", disable=not progress):
+        chosen[shape] = choose_form(table.timings(*shape))
+    table.save()
+    return {name: chosen[(m.in_features, m.out_features, m.k, m.s)] for name, m in layers.items()}
+
+
+def convert_model(model: torch.nn.Module, runtime: str = "auto", cache_dir: str | os.PathLike | None = None,
+                  progress: bool = False) -> dict[str, str]:
+    """Replace every canonical compressed layer by its run-time form; returns the form per layer."""
+    forms = plan_forms(model, runtime, cache_dir, progress)
+    for name, form in forms.items():
+        if form != "canonical":
+            replace_module(model, name, build_form(model.get_submodule(name), form))
+    counts = {f: sum(v == f for v in forms.values()) for f in sorted(set(forms.values()))}
+    log.info("runtime forms: %s", ", ".join(f"{n} {f}" for f, n in counts.items()) or "no compressed layers")
+    return forms
