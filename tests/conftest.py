@@ -75,3 +75,15 @@ def tiny_arch(request):
 @pytest.fixture
 def tiny_llama():
     return make_tiny_model("llama")
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """A tiny data directory laid out like ../shared/data (calibration text, WikiText-2 test)."""
+    root = tmp_path / "data"
+    (root / "calib").mkdir(parents=True)
+    (root / "calib" / "a.txt").write_text(" ".join(f"w{(i * 13) % 400}" for i in range(5000)))
+    (root / "wikitext-2-raw").mkdir()
+    (root / "wikitext-2-raw" / "wiki.test.raw").write_text("\n".join(" ".join(f"w{(i * j) % 400}" for j in range(30))
+                                                                     for i in range(40)))
+    return root

@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from rocketlm.config import ConfigError, GridConfig, RocketConfig
+from rocketlm.config import BUDGET_COUNTS, RUNTIMES, ConfigError, GridConfig, RocketConfig
+from rocketlm.errors import RocketError
 
 log = logging.getLogger("rocketlm")
 
@@ -25,9 +26,12 @@ def _compress_parser(sub) -> None:
     p.add_argument("model", help="HF hub id, local model directory, .gguf file, or preset (smollm2-135m)")
     p.add_argument("--ratio", type=float, help="fraction of the targeted parameters to REMOVE, e.g. 0.5 (required)")
     p.add_argument("--cost", help=f"allocation cost: weight (ROCKET), output (ROCKET-ActCost), ... (default {d.cost})")
-    p.add_argument("--out", required=True, help="output checkpoint directory")
-    p.add_argument("--budget-count", choices=("values", "bytes"),
-                   help="count the budget in stored values (paper, default) or bytes on disk incl. the index bitmap")
+    p.add_argument("--out", required=True, help="output checkpoint directory (new, empty, or an earlier "
+                                                "checkpoint with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier rocketlm checkpoint in --out")
+    p.add_argument("--budget-count", choices=BUDGET_COUNTS,
+                   help="count the budget in stored values (paper, default), bytes on disk incl. the index bitmap, "
+                        "or flops (multiply-adds per token of the form each layer runs in)")
     p.add_argument("--alpha", help="the reference's error cap: a factor >= 1, 'auto' (the reference's default) or 'off' "
                         "(the paper's plain knapsack) [auto]")
     p.add_argument("--targets", nargs="*", help="regexes of linear layer names to compress (default: all in decoder blocks)")
@@ -109,7 +113,10 @@ def _cmd_compress(args) -> int:
     from rocketlm.models.loading import load_model
     from rocketlm.pipeline import compress
 
+    from rocketlm.preflight import check_compress_inputs
+
     config = _config_from_args(args)
+    check_compress_inputs(config, args.out, args.data, overwrite=args.overwrite)
     model, tokenizer = load_model(config.model, device=config.device, dtype=args.dtype)
     result = compress(model, tokenizer, config, cache_dir=args.cache_dir, data_dir=args.data, progress=not args.quiet)
     manifest = save_compressed(result, args.out)
@@ -198,20 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.DEBUG if args.verbose else (logging.WARNING if quiet else logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from rocketlm.allocation.plan import InfeasibleAllocationError
-    from rocketlm.calibration.data import DataError
-    from rocketlm.checkpoint.io import CheckpointError
-    from rocketlm.models.discovery import UnsupportedModelError
-    from rocketlm.models.loading import ModelLoadError
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, CheckpointError, ModelLoadError, UnsupportedModelError,
-            InfeasibleAllocationError) as exc:
-        print(f"rocketlm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        if args.command not in ("eval", "ppl"):
-            raise
+    except RocketError as exc:
         print(f"rocketlm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

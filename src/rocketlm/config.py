@@ -17,7 +17,8 @@ FORMAT_VERSION = 1
 DEFAULT_REMOVED_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 15))  # 0.05 .. 0.70
 DEFAULT_KS = tuple(round(1.0 + 0.1 * i, 1) for i in range(21))  # 1.0 .. 3.0
 
-BUDGET_COUNTS = ("values", "bytes")
+BUDGET_COUNTS = ("values", "bytes", "flops")
+RUNTIMES = ("auto", "factored", "sparse", "merged", "canonical")
 
 
 
@@ -78,7 +79,8 @@ class RocketConfig:
     model: str = "smollm2-135m"
     removed_ratio: float = 0.5
     cost: str = "output"
-    budget_count: str = "values"  # "values" (as in the paper) or "bytes" (values + index structure on disk)
+    budget_count: str = "values"  # "values" (as in the paper), "bytes" (values + index bitmap on disk) or "flops"
+    # (multiply-adds per token of the form the layer runs in on CPU: the cheaper of factored and merged)
     alpha: float | str | None = "auto"  # reference's error cap: drop candidates with error > alpha * mean error at
     # the target ratio; a number >= 1, "auto" (the reference's default: smallest of 1.0, 1.1, ..., 2.0 that stays
     # feasible) or None / "off" (the plain knapsack of the paper)
@@ -99,6 +101,7 @@ class RocketConfig:
     profile_dtype: str = "float32"  # dtype of the per-candidate algebra (whitening and SVD are always float64)
     # runtime
     device: str = "cpu"
+    runtime: str = "auto"  # run-time form of compressed layers after loading: auto (measured), factored, sparse, merged
     save_dtype: str | None = None  # dtype of the saved compressed tensors; None = the model's dtype
 
     def __post_init__(self) -> None:
@@ -122,6 +125,8 @@ class RocketConfig:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.ridge_rel < 0 or self.whitening_eps <= 0:
             raise ConfigError(f"ridge_rel={self.ridge_rel} must be >= 0 and whitening_eps={self.whitening_eps} > 0")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime={self.runtime!r}: choose one of {', '.join(RUNTIMES)}")
         if self.profile_dtype not in ("float32", "float64"):
             raise ConfigError(f"profile_dtype={self.profile_dtype!r}: choose float32 or float64")
         if self.save_dtype not in (None, "float32", "float16", "bfloat16"):

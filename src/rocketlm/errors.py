@@ -53,3 +53,7 @@ class CheckpointError(RocketError, RuntimeError):
 
 class OutputDirError(RocketError, FileExistsError):
     """The output directory cannot be written safely (not writable, or holds something else)."""
+
+
+class MissingDependencyError(RocketError, ImportError):
+    """An optional dependency is not installed; the message gives the pip command."""

@@ -19,6 +19,7 @@ from rocketlm.allocation.costs import get_cost
 from rocketlm.config import RocketConfig
 from rocketlm.allocation.knapsack import InfeasibleBudgetError, solve_mckp
 from rocketlm.profiling.profile import Candidate, LayerProfile
+from rocketlm.runtime.forms import form_flops
 from rocketlm.errors import InfeasibleAllocationError  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,23 @@ class LayerChoice:
     @property
     def achieved_removed_ratio(self) -> float:
         return 1.0 - self.kept_values / self.dense_values
+
+    @property
+    def dense_flops(self) -> int:
+        return self.d_in * self.d_out
+
+    @property
+    def kept_flops(self) -> int:
+        """Multiply-adds per token as run on CPU (see :func:`run_flops`)."""
+        return self.dense_flops if self.dense else run_flops(self.d_in, self.d_out, self.k, self.s)
+
+
+def run_flops(d_in: int, d_out: int, k: int, s: int) -> int:
+    """Multiply-adds per token of a compressed layer in the form it runs in: the cheaper of ``factored``
+    (``V`` held dense: ``d_in*k + k*d_out``) and ``merged`` (``d_in*d_out``). The sparse form's count
+    (``d_in*k + s*d_out``) is not used: measured on CPU, its kernels lose to the dense GEMM at every
+    density the grid allows (ks <= 3), see ``bench/bench_inference.py``."""
+    return min(form_flops("factored", d_in, d_out, k, s), d_in * d_out)
 
 
 @dataclass
@@ -88,10 +106,15 @@ class Allocation:
     def achieved_removed_bytes_ratio(self) -> float:
         return 1.0 - self.kept_bytes / self.dense_bytes
 
+    @property
+    def achieved_removed_flops_ratio(self) -> float:
+        return 1.0 - sum(c.kept_flops for c in self.choices) / sum(c.dense_flops for c in self.choices)
+
     def to_json(self) -> dict:
         data = asdict(self)
         data.update(achieved_removed_ratio=self.achieved_removed_ratio,
                     achieved_removed_bytes_ratio=self.achieved_removed_bytes_ratio,
+                    achieved_removed_flops_ratio=self.achieved_removed_flops_ratio,
                     dense_values=self.dense_values, kept_values=self.kept_values,
                     dense_bytes=self.dense_bytes, kept_bytes=self.kept_bytes)
         return data
@@ -128,16 +151,40 @@ def _choice(profile: LayerProfile, cand: Candidate, cost_value: float) -> LayerC
                        cand.error_weight, cand.error_output, cost_value)
 
 
-def candidate_choices(profiles: list[LayerProfile], cost: str) -> list[list[LayerChoice]]:
-    """Per layer: "leave dense" first, then the best-ks candidate of every removed ratio."""
+def flops_options(profile: LayerProfile, cost: str) -> list[Candidate]:
+    """Under a flops budget the best ks per removed ratio is the wrong grouping (two candidates with
+    the same values differ in flops): every candidate on the (run flops, cost) Pareto front."""
     fn = get_cost(cost).fn
-    return [[_dense_choice(p)] + [_choice(p, c, fn(p, c)) for c in layer_options(p, cost)] for p in profiles]
+    scored = sorted(((run_flops(profile.d_in, profile.d_out, c.k, c.s), fn(profile, c), c) for c in profile.candidates
+                     if math.isfinite(fn(profile, c))), key=lambda t: (t[0], t[1]))
+    front, best = [], math.inf
+    for flops, value, cand in scored:
+        if value < best and flops < profile.d_in * profile.d_out:
+            front.append(cand)
+            best = value
+    return front
+
+
+def candidate_choices(profiles: list[LayerProfile], cost: str, budget_count: str = "values") -> list[list[LayerChoice]]:
+    """Per layer: "leave dense" first, then the best-ks candidate of every removed ratio (values and bytes
+    budgets), or every candidate on the flops/cost Pareto front (flops budget)."""
+    fn = get_cost(cost).fn
+    pick = flops_options if budget_count == "flops" else layer_options
+    return [[_dense_choice(p)] + [_choice(p, c, fn(p, c)) for c in pick(p, cost)] for p in profiles]
 
 
 def _removed(choice: LayerChoice, budget_count: str) -> int:
     if budget_count == "bytes":
         return choice.dense_bytes - choice.kept_bytes
+    if budget_count == "flops":
+        return choice.dense_flops - choice.kept_flops
     return choice.dense_values - choice.kept_values
+
+
+def _budget_total(profiles: list[LayerProfile], budget_count: str) -> int:
+    if budget_count == "bytes":
+        return sum(p.dense_bytes for p in profiles)
+    return sum(p.dense_values for p in profiles)  # dense flops per token = dense values
 
 
 def _alpha_filter(options: list[list[LayerChoice]], target: float, alpha: float) -> list[list[LayerChoice]]:
@@ -157,8 +204,8 @@ def allocate(profiles: list[LayerProfile], removed_ratio: float, cost: str = Roc
     """Solve the multiple-choice knapsack; raises :class:`InfeasibleBudgetError` when the target
     cannot be met (never a silent fallback)."""
     start = time.perf_counter()
-    options = candidate_choices(profiles, cost)
-    total = sum((p.dense_bytes if budget_count == "bytes" else p.dense_values) for p in profiles)
+    options = candidate_choices(profiles, cost, budget_count)
+    total = _budget_total(profiles, budget_count)
     required = int(math.ceil(removed_ratio * total))
     # "auto": the smallest cap of the reference's grid that stays feasible; if none does, no cap (logged)
     alphas = (*ALPHA_GRID, None) if alpha == "auto" else (alpha,)

@@ -18,8 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rocketlm.allocation.plan import Allocation
-from rocketlm.compression.apply import replace_module
-from rocketlm.compression.modules import SparseDictionaryLinear
+from rocketlm.compression.modules import SparseDictionaryLinear, replace_module
 from rocketlm.config import FORMAT_VERSION
 from rocketlm.errors import CheckpointError  # noqa: F401  (re-exported)
 

@@ -1,5 +1,5 @@
 """The compression stage: factor every allocated layer with its chosen candidate and swap in the
-compressed module; :func:`replace_module` is the one place a module of a model is swapped."""
+compressed module."""
 from __future__ import annotations
 
 import torch
@@ -7,21 +7,12 @@ from tqdm.auto import tqdm
 
 from rocketlm.allocation.plan import Allocation, LayerChoice
 from rocketlm.calibration.store import GramStore
-from rocketlm.compression.modules import SparseDictionaryLinear
+from rocketlm.compression.modules import SparseDictionaryLinear, replace_module
 from rocketlm.config import RocketConfig
 from rocketlm.errors import ErrorMismatchError
 from rocketlm.factorization.sparse_dictionary import Factorization, direct_errors, factorize_candidate, layer_basis
 from rocketlm.factorization.whitening import weight_matrix, whitened_layers
 from rocketlm.models.discovery import DecoderStructure
-
-
-def replace_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> torch.nn.Module:
-    """Put ``module`` at dotted path ``name`` of ``model``; returns the module it replaced."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, module)
-    return old
 
 
 def apply_allocation(model, structure: DecoderStructure, allocation: Allocation, grams_store: GramStore,

@@ -6,7 +6,8 @@ bits (uint8, most significant bit first, as ``numpy.packbits``). The state dict 
 tensors of a checkpoint (``U``, ``V_values``, ``V_mask``, ``bias``), so loading is by name.
 
 This form is for storage and checks; :mod:`rocketlm.runtime` turns it into the form that runs
-fastest on the device (its forward here rebuilds ``V`` on every call).
+fastest on the device (its forward here rebuilds ``V`` on every call). :func:`replace_module` is the one
+place a module of a model is swapped (compression, checkpoint loading, run-time forms, densify).
 """
 from __future__ import annotations
 
@@ -41,6 +42,15 @@ def rows_from_mask(mask: torch.Tensor, s: int) -> torch.Tensor:
     """Row indices (s x d_out, int64, increasing within each column) of a k x d_out mask with s entries per column."""
     d_out = mask.shape[1]
     return torch.nonzero(mask.T, as_tuple=False)[:, 1].reshape(d_out, s).T.contiguous()
+
+
+def replace_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> torch.nn.Module:
+    """Put ``module`` at dotted path ``name`` of ``model``; returns the module it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, module)
+    return old
 
 
 class SparseDictionaryLinear(nn.Module):

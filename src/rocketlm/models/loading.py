@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rocketlm.errors import ModelLoadError  # noqa: F401  (re-exported)
+
+from rocketlm.errors import ModelLoadError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def load_model(model: str, device: str | torch.device = "cpu", dtype: str | None
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype)
     log.info("loading %s", source.describe())
+    check_causal_lm(_read_config(source), source.describe())
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
         net = AutoModelForCausalLM.from_pretrained(source.name_or_path, **kwargs)
@@ -93,6 +95,26 @@ def load_model(model: str, device: str | torch.device = "cpu", dtype: str | None
         raise ModelLoadError(f"could not load {source.describe()}: {exc}.{hint}") from exc
     _drop_gguf_quantization_config(net)
     return net.to(device).eval(), tokenizer
+
+
+def _read_config(source: ModelSource):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(source.name_or_path,
+                                          **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not read the config of {source.describe()}: {exc}") from exc
+
+
+def check_causal_lm(config, what: str) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``config`` describes a decoder-only causal LM (no weights read)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    model_type = getattr(config, "model_type", "?")
+    if getattr(config, "is_encoder_decoder", False) or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        kind = "an encoder-decoder model" if getattr(config, "is_encoder_decoder", False) else "not a causal LM"
+        raise UnsupportedModelError(
+            f"{what} is a {model_type!r} model, {kind}: rocketlm compresses decoder-only causal language models "
+            "(those AutoModelForCausalLM loads: Llama, Qwen2/3, Mistral, Gemma3, SmolLM2, ...)")
 
 
 def _drop_gguf_quantization_config(net) -> None:

@@ -8,15 +8,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rocketlm.compression.apply import replace_module
-from rocketlm.compression.modules import SparseDictionaryLinear
+from rocketlm.compression.modules import SparseDictionaryLinear, replace_module
 from rocketlm.errors import ConfigError
 from rocketlm.runtime.forms import FORMS, FactoredLinear, SparseFactoredLinear, build_form, form_bytes, form_flops
 from rocketlm.runtime.select import FormTable, choose_form
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", *FORMS, "canonical")
+from rocketlm.config import RUNTIMES  # noqa: E402  (one list for config, CLI and loader)
 
 __all__ = ["RUNTIMES", "FORMS", "FactoredLinear", "SparseFactoredLinear", "convert_model", "form_bytes",
            "form_flops", "plan_forms"]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rocketlm.errors import ConfigError, MissingDependencyError
 from .data import EXPECTED_COUNTS, LOADERS, MissingDataError, resolve_data_dir
 from rocketlm.storage import model_fingerprint
 from .tasks import ALL_TASKS, RACE_UNAVAILABLE, TASKS, build_hub, build_local, describe_task, resolve_tasks
@@ -66,7 +67,7 @@ def _require_lm_eval() -> None:
     try:
         import lm_eval  # noqa: F401
     except ImportError as exc:
-        raise ImportError("zero-shot evaluation needs lm-evaluation-harness: pip install 'rocketlm[eval]' "
+        raise MissingDependencyError("zero-shot evaluation needs lm-evaluation-harness: pip install 'rocketlm[eval]' "
                           "(or pip install 'lm-eval>=0.4.13')") from exc
     try:
         from lm_eval.api.group import Group  # noqa: F401
@@ -74,7 +75,7 @@ def _require_lm_eval() -> None:
         from lm_eval.models.huggingface import HFLM  # noqa: F401
     except ImportError as exc:
         from importlib.metadata import version
-        raise ImportError(f"lm-eval {version('lm_eval')} is too old for rocketlm's zero-shot suite "
+        raise MissingDependencyError(f"lm-eval {version('lm_eval')} is too old for rocketlm's zero-shot suite "
                           f"(needs the 0.4.13 task/group API): pip install -U 'lm-eval>=0.4.13'") from exc
 
 
@@ -276,9 +277,9 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str] | str, *, data_dir: str
     """
     names = resolve_tasks(tasks if isinstance(tasks, str) else ",".join(tasks))
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit={limit!r}: must be a positive integer (documents per task) or None for all")
+        raise ConfigError(f"limit={limit!r}: must be a positive integer (documents per task) or None for all")
     if isinstance(batch_size, int) and batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        raise ConfigError(f"batch_size={batch_size}: must be >= 1")
 
     hub = isinstance(data_dir, str) and data_dir.strip().lower() == HUB
     unavailable: dict[str, str] = {}

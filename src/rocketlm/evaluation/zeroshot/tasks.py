@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from rocketlm.errors import ConfigError, MissingDependencyError
 from .data import EXPECTED_COUNTS, MMLU_SUBJECTS
 
 PAPER_TASKS: tuple[str, ...] = ("piqa", "hellaswag", "lambada_openai", "arc_easy", "arc_challenge",
@@ -32,10 +33,10 @@ def resolve_tasks(spec: str) -> list[str]:
 
     Names are case-insensitive, ``-`` and ``_`` are interchangeable, and a few aliases are
     accepted (``lambada`` -> ``lambada_openai``, ``arc_e`` / ``arc_c``). Duplicates are dropped,
-    order is kept. An unknown name raises :class:`ValueError` listing the valid names.
+    order is kept. An unknown name raises :class:`~rocketlm.errors.ConfigError` listing the valid names.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"empty task list {spec!r}: use 'paper', 'all' or a comma list of "
+        raise ConfigError(f"empty task list {spec!r}: use 'paper', 'all' or a comma list of "
                          f"{', '.join(ALL_TASKS)}")
     out: list[str] = []
     unknown: list[str] = []
@@ -54,12 +55,12 @@ def resolve_tasks(spec: str) -> list[str]:
             continue
         out.extend(n for n in names if n not in out)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown zero-shot task(s) {', '.join(map(repr, unknown))}: valid names are "
             f"{', '.join(ALL_TASKS)}, or the groups 'paper' ({', '.join(PAPER_TASKS)}) and "
             f"'all' (paper + winogrande, boolq); aliases: {', '.join(sorted(ALIASES))}")
     if not out:
-        raise ValueError(f"empty task list {spec!r}: use 'paper', 'all' or a comma list of "
+        raise ConfigError(f"empty task list {spec!r}: use 'paper', 'all' or a comma list of "
                          f"{', '.join(ALL_TASKS)}")
     return out
 
