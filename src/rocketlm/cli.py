@@ -15,6 +15,9 @@ log = logging.getLogger("rocketlm")
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="run-time form of compressed layers: auto (fastest measured on this device), factored, "
+                        "sparse, merged, canonical [auto]")
     p.add_argument("--data", default=None, help="data directory (default: $ROCKETLM_DATA)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
 
@@ -62,9 +65,41 @@ def _ppl_parser(sub) -> None:
 
 
 def _info_parser(sub) -> None:
-    p = sub.add_parser("info", help="achieved ratio, bytes on disk and per-layer allocation of a checkpoint")
+    p = sub.add_parser("info", help="achieved ratio, bytes on disk, run-time cost and per-layer allocation of a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--layers", action="store_true", help="print the per-layer allocation table")
+    p.add_argument("--device", default="cpu", help="device whose run-time forms are reported (measured) [cpu]")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help="run-time form to report [auto]")
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="stream text from a dense model or a compressed checkpoint")
+    p.add_argument("model", help="checkpoint directory, HF id, model directory, .gguf file, or preset")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample (temperature/top-p) instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    _add_common(p)
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="prefill/decode speed and resident memory, optionally against the dense model")
+    p.add_argument("model", help="checkpoint directory, HF id, model directory, .gguf file, or preset")
+    p.add_argument("--against", default=None, help="the dense model to compare with (measured in the same process)")
+    p.add_argument("--runs", type=int, default=3, help="runs per measurement; the median is reported")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    _add_common(p)
+
+
+def _convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="rewrite an older rocketlm checkpoint in place to the current format")
+    p.add_argument("checkpoint")
 
 
 def _export_parser(sub) -> None:
@@ -81,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     _ppl_parser(sub)
     _info_parser(sub)
     _export_parser(sub)
+    _generate_parser(sub)
+    _bench_parser(sub)
+    _convert_parser(sub)
     from rocketlm.evaluation.eval_cli import add_eval_parser
     from rocketlm.study.cli import add_study_parser
     add_eval_parser(sub)
@@ -128,9 +166,11 @@ def _print_summary(manifest: dict) -> None:
     alloc = manifest["allocation"]
     on_disk, dense = manifest["weights_file"]["bytes"], manifest["dense_weights_bytes"]
     cfg = manifest["config"]
+    flops = alloc.get("achieved_removed_flops_ratio")
     print(f"cost {alloc['cost']}, budget in {alloc['budget_count']}: removed "
           f"{100 * alloc['achieved_removed_ratio']:.2f}% of the targeted parameters (target {100 * cfg['removed_ratio']:.2f}%), "
-          f"{100 * alloc['achieved_removed_bytes_ratio']:.2f}% of their bytes")
+          f"{100 * alloc['achieved_removed_bytes_ratio']:.2f}% of their bytes"
+          + (f", {100 * flops:.2f}% of their multiply-adds per token" if flops is not None else ""))
     n_dense = sum(c["dense"] for c in alloc["choices"])
     cap = "off" if alloc.get("alpha") is None else f"{alloc['alpha']:g}"
     print(f"layers: {len(alloc['choices'])} targeted, {n_dense} left dense; summed cost {alloc['total_cost']:.4f}; "
@@ -140,19 +180,19 @@ def _print_summary(manifest: dict) -> None:
         print(f"  {name:<12} {st['seconds']:8.1f} s   peak RSS {st['peak_rss_bytes'] / 2**30:.2f} GiB")
 
 
-def _load_any(model: str, device: str | None):
+def _load_any(model: str, device: str | None, runtime: str = "auto"):
     from rocketlm.checkpoint.io import is_checkpoint, load_compressed
     from rocketlm.models.loading import load_model
     device = device or "cpu"
     if is_checkpoint(model):
-        return load_compressed(model, device=device)
+        return load_compressed(model, device=device, runtime=runtime)
     return load_model(model, device=device)
 
 
 def _cmd_ppl(args) -> int:
     from rocketlm.evaluation.perplexity import perplexity, token_windows, wikitext2_text
 
-    model, tokenizer = _load_any(args.model, args.device or "cpu")
+    model, tokenizer = _load_any(args.model, args.device or "cpu", args.runtime)
     windows = token_windows(tokenizer, wikitext2_text(args.data), args.seq_len)
     result = perplexity(model, windows, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet)
     print(f"WikiText-2 perplexity of {args.model}: {result.perplexity:.3f} "
@@ -165,15 +205,27 @@ def _cmd_ppl(args) -> int:
 
 def _cmd_info(args) -> int:
     from rocketlm.checkpoint.io import read_manifest
+    import torch
+    from rocketlm.allocation.plan import Allocation
+    from rocketlm.runtime.report import run_costs
+
     manifest = read_manifest(args.checkpoint)
     _print_summary(manifest)
+    choices = Allocation.from_json(manifest["allocation"]).choices
+    costs = run_costs(choices, getattr(torch, manifest.get("torch_dtype", "float32")), args.device, args.runtime)
+    forms = {f: sum(c.form == f for c in costs) for f in sorted({c.form for c in costs})}
+    flops, dense_flops = sum(c.flops for c in costs), sum(c.dense_flops for c in costs)
+    held, dense = sum(c.resident_bytes for c in costs), sum(c.dense_bytes for c in costs)
+    print(f"run time on {args.device} ({args.runtime}): forms {forms}; targeted layers {flops / dense_flops:.3f}x the "
+          f"dense multiply-adds per token, {held / 1e6:.1f} MB resident vs {dense / 1e6:.1f} MB dense ({held / dense:.3f}x)")
     if args.layers:
-        print(f"{'layer':<45} {'removed':>8} {'ks':>5} {'k':>5} {'s':>5} {'kept':>10} {'err_w':>8} {'err_out':>8}")
-        for c in manifest["allocation"]["choices"]:
-            removed = 1 - c["kept_values"] / c["dense_values"]
-            ks = "dense" if c["dense"] else f"{c['ks']:.1f}"
-            print(f"{c['name']:<45} {removed:>8.3f} {ks:>5} {c['k'] or '-':>5} {c['s'] or '-':>5} "
-                  f"{c['kept_values']:>10} {c['error_weight']:>8.4f} {c['error_output']:>8.4f}")
+        print(f"{'layer':<40} {'removed':>7} {'ks':>5} {'k':>5} {'s':>5} {'err_w':>7} {'err_out':>7} "
+              f"{'form':>8} {'flops/dense':>11} {'bytes/dense':>11}")
+        for c, r in zip(choices, costs):
+            ks = "dense" if c.dense else f"{c.ks:.1f}"
+            print(f"{c.name:<40} {c.achieved_removed_ratio:>7.3f} {ks:>5} {c.k or '-':>5} {c.s or '-':>5} "
+                  f"{c.error_weight:>7.4f} {c.error_output:>7.4f} {r.form:>8} {r.flops / r.dense_flops:>11.3f} "
+                  f"{r.resident_bytes / r.dense_bytes:>11.3f}")
     return 0
 
 
@@ -187,6 +239,66 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    model, tokenizer = _load_any(args.model, args.device, args.runtime)
+    prompt = args.prompt
+    if args.chat and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    torch.manual_seed(args.seed)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.sample else dict(do_sample=False)
+    with torch.inference_mode():
+        model.generate(**ids, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tokenizer, skip_prompt=False),
+                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import torch
+    from rocketlm.runtime.benchmark import compare_speed, memory_figures
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = {args.model: _load_any(args.model, args.device, args.runtime)[0]}
+    if args.against:
+        models[args.against] = _load_any(args.against, args.device, args.runtime)[0]
+    targets = _targets_of(args.model) or (_targets_of(args.against) if args.against else None)
+    speed = compare_speed(models, runs=args.runs, prefill_tokens=args.prefill_tokens,
+                          prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+    base = speed.get(args.against) if args.against else None
+    base_mem = memory_figures(models[args.against], targets) if args.against else None
+    print(f"torch threads {torch.get_num_threads()}, median of {args.runs} runs; prefill 1 x {args.prefill_tokens} "
+          f"tokens, decode {args.new_tokens} tokens after a {args.prompt_tokens}-token prompt")
+    for name, model in models.items():
+        mem, fig = memory_figures(model, targets), speed[name]
+        line = (f"{name}: prefill {fig.prefill_tokens_per_s:.0f} tok/s, decode {fig.decode_tokens_per_s:.1f} tok/s, "
+                f"weights {mem.resident_weight_bytes / 1e6:.1f} MB (targeted layers {mem.targeted_layers_bytes / 1e6:.1f} MB)")
+        if base is not None:
+            line += (f"; vs {args.against}: prefill {fig.prefill_tokens_per_s / base.prefill_tokens_per_s:.2f}x, "
+                     f"decode {fig.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x, weights "
+                     f"{mem.resident_weight_bytes / base_mem.resident_weight_bytes:.2f}x, targeted layers "
+                     f"{mem.targeted_layers_bytes / base_mem.targeted_layers_bytes:.2f}x")
+        print(line)
+    return 0
+
+
+def _targets_of(model: str) -> list[str] | None:
+    from rocketlm.checkpoint.io import is_checkpoint, read_manifest
+    if not is_checkpoint(model):
+        return None
+    return [c["name"] for c in read_manifest(model)["allocation"]["choices"]]
+
+
+def _cmd_convert(args) -> int:
+    from rocketlm.checkpoint.io import convert_checkpoint
+    print(convert_checkpoint(args.checkpoint))
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from rocketlm.evaluation.eval_cli import run_eval
     return run_eval(args, _load_any)
@@ -197,7 +309,8 @@ def _cmd_study(args) -> int:
     return run_study_cli(args)
 
 
-COMMANDS = {"compress": _cmd_compress, "ppl": _cmd_ppl, "info": _cmd_info, "export": _cmd_export, "eval": _cmd_eval, "study": _cmd_study}
+COMMANDS = {"compress": _cmd_compress, "ppl": _cmd_ppl, "info": _cmd_info, "export": _cmd_export, "eval": _cmd_eval,
+            "study": _cmd_study, "generate": _cmd_generate, "bench": _cmd_bench, "convert": _cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

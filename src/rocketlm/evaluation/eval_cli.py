@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+
+from rocketlm.config import RUNTIMES
 from pathlib import Path
 
 
@@ -16,6 +18,7 @@ def add_eval_parser(sub) -> None:
                    "answered request is also kept in OUT's .requests.sqlite until the run ends, so an interrupted "
                    "run resumes when started again with the same --out")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help="run-time form of compressed layers [auto]")
     p.add_argument("--data", default=None, help="data directory (default: $ROCKETLM_DATA); 'hub' = HF hub datasets")
     p.add_argument("-q", "--quiet", action="store_true")
 
@@ -25,7 +28,7 @@ def run_eval(args: argparse.Namespace, load_any) -> int:
     from rocketlm.evaluation.zeroshot.runner import remove_request_cache, request_cache_path
 
     tasks = resolve_tasks(args.tasks)  # unknown names fail before the model is loaded
-    model, tokenizer = load_any(args.model, args.device)
+    model, tokenizer = load_any(args.model, args.device, args.runtime)
     manifest = getattr(model, "rocketlm_manifest", None)
     info = {"source": args.model}
     if manifest:

@@ -18,11 +18,21 @@ log = logging.getLogger(__name__)
 from rocketlm.config import RUNTIMES  # noqa: E402  (one list for config, CLI and loader)
 
 __all__ = ["RUNTIMES", "FORMS", "FactoredLinear", "SparseFactoredLinear", "convert_model", "form_bytes",
-           "form_flops", "plan_forms"]
+           "form_flops", "choose_forms", "plan_forms"]
 
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("ROCKETLM_CACHE") or Path.home() / ".cache" / "rocketlm")
+
+
+def choose_forms(shapes: set[tuple[int, int, int, int]], dtype: torch.dtype, device: torch.device | str,
+                 cache_dir: str | os.PathLike | None = None, progress: bool = False) -> dict[tuple, str]:
+    """Measured fastest form per layer shape ``(d_in, d_out, k, s)`` on ``device`` (cached per device)."""
+    table = FormTable(torch.device(device), dtype, Path(cache_dir) if cache_dir else _cache_dir())
+    chosen = {shape: choose_form(table.timings(*shape))
+              for shape in tqdm(sorted(shapes), desc="runtime forms (shapes)", disable=not progress)}
+    table.save()
+    return chosen
 
 
 def plan_forms(model: torch.nn.Module, runtime: str = "auto", cache_dir: str | os.PathLike | None = None,
@@ -35,14 +45,10 @@ def plan_forms(model: torch.nn.Module, runtime: str = "auto", cache_dir: str | o
         return {name: runtime for name in layers}
     if not layers:
         return {}
+    shape = {name: (m.in_features, m.out_features, m.k, m.s) for name, m in layers.items()}
     first = next(iter(layers.values()))
-    table = FormTable(first.U.device, first.U.dtype, Path(cache_dir) if cache_dir else _cache_dir())
-    shapes = sorted({(m.in_features, m.out_features, m.k, m.s) for m in layers.values()})
-    chosen = {}
-    for shape in tqdm(shapes, desc="runtime forms (shapes)", disable=not progress):
-        chosen[shape] = choose_form(table.timings(*shape))
-    table.save()
-    return {name: chosen[(m.in_features, m.out_features, m.k, m.s)] for name, m in layers.items()}
+    chosen = choose_forms(set(shape.values()), first.U.dtype, first.U.device, cache_dir, progress)
+    return {name: chosen[shape[name]] for name in layers}
 
 
 def convert_model(model: torch.nn.Module, runtime: str = "auto", cache_dir: str | os.PathLike | None = None,
