@@ -11,10 +11,10 @@ from rocketlm.allocation.knapsack import (
     FrontierLimitError,
     InfeasibleBudgetError,
     KnapsackSolution,
-    brute_force_mckp,
     lp_lower_bound,
     solve_mckp,
 )
+from knapsack_reference import brute_force_mckp
 
 REL = 1e-9
 
