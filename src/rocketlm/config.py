@@ -12,7 +12,6 @@ from typing import Any
 from rocketlm.allocation.costs import available_costs
 from rocketlm.errors import ConfigError  # noqa: F401  (re-exported)
 
-FORMAT_VERSION = 1
 
 DEFAULT_REMOVED_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 15))  # 0.05 .. 0.70
 DEFAULT_KS = tuple(round(1.0 + 0.1 * i, 1) for i in range(21))  # 1.0 .. 3.0
