@@ -26,16 +26,17 @@ def main() -> None:
         profiles = [LayerProfile.from_json(json.loads(line)) for line in f if line.strip()]
     print(f"{len(profiles)} layers, {sum(len(p.candidates) for p in profiles)} candidates")
     summary = correlation_summary(error_correlations(profiles))
-    print(f"Spearman(weight error, output error) per layer: median {summary['median']:.4f}, "
-          f"min {summary['min']:.4f}, {100 * summary['share_above']:.1f}% of layers above {summary['threshold']}")
+    if summary.median is not None and summary.min is not None and summary.share_above is not None:
+        print(f"Spearman(weight error, output error) per layer: median {summary.median:.4f}, "
+              f"min {summary.min:.4f}, {100 * summary.share_above:.1f}% of layers above {summary.threshold}")
     ks = best_ks_disagreement(profiles, "weight", "output")
-    print(f"best ks differs for {ks['n_differ']}/{ks['n_pairs']} (layer, ratio) pairs ({100 * ks['share']:.1f}%)")
+    print(f"best ks differs for {ks.n_differ}/{ks.n_pairs} (layer, ratio) pairs ({100 * ks.share:.1f}%)")
     for ratio in (float(r) for r in args.ratios.split(",")):
         for alpha in ("auto", None):
             diff = allocation_difference(allocate(profiles, ratio, "weight", alpha=alpha),
                                          allocate(profiles, ratio, "output", alpha=alpha))
-            print(f"removed {ratio:g}, alpha {alpha or 'off'}: {diff['n_differ']}/{diff['n_layers']} layers allocated "
-                  f"differently ({diff['n_differ_ratio']} with another removed ratio)")
+            print(f"removed {ratio:g}, alpha {alpha or 'off'}: {diff.n_differ}/{diff.n_layers} layers allocated "
+                  f"differently ({diff.n_differ_ratio} with another removed ratio)")
 
 
 if __name__ == "__main__":

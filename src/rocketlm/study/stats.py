@@ -1,6 +1,6 @@
 """Statistics for the cost study: pure functions on numbers (no I/O, no model).
 
-* :func:`spearman`: rank correlation with average ranks for ties (equals ``scipy.stats.spearmanr``).
+* :func:`spearman`: ``scipy.stats.spearmanr`` (average ranks for ties), NaN where undefined.
 * :func:`mean_std`: mean and sample standard deviation (ddof=1) over seeds.
 * :func:`paired_bootstrap`: percentile confidence interval of a paired mean difference,
   resampling examples (the same resample for every seed, since the seeds evaluate the same
@@ -17,41 +17,24 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import scipy.stats
 
 DEFAULT_N_BOOT = 2000
 DEFAULT_CONFIDENCE = 0.95
 _CHUNK_VALUES = 2_000_000  # resampled indices held at once (bounds memory for large tasks)
 
 
-def rankdata(x: Sequence[float]) -> np.ndarray:
-    """Ranks 1..n; tied values get the average of the ranks they span."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    start = 0
-    while start < len(x):
-        stop = start + 1
-        while stop < len(x) and sorted_x[stop] == sorted_x[start]:
-            stop += 1
-        ranks[order[start:stop]] = 0.5 * (start + stop - 1) + 1.0
-        start = stop
-    return ranks
-
-
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation of paired samples (Pearson correlation of the average ranks).
+    """Spearman rank correlation of paired samples (``scipy.stats.spearmanr``, average ranks for ties).
 
     NaN when fewer than two pairs or when either sample is constant (the correlation is undefined).
     """
-    if len(x) != len(y):
-        raise ValueError(f"spearman: x has {len(x)} values but y has {len(y)}; pass paired samples")
-    if len(x) < 2:
+    xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if xs.shape != ys.shape or xs.ndim != 1:
+        raise ValueError(f"spearman: x has {xs.size} values but y has {ys.size}; pass paired samples")
+    if xs.size < 2 or np.ptp(xs) == 0 or np.ptp(ys) == 0:
         return math.nan
-    rx, ry = rankdata(x), rankdata(y)
-    dx, dy = rx - rx.mean(), ry - ry.mean()
-    denom = math.sqrt(float(dx @ dx) * float(dy @ dy))
-    return float(dx @ dy) / denom if denom > 0 else math.nan
+    return float(scipy.stats.spearmanr(xs, ys).statistic)
 
 
 @dataclass(frozen=True)
@@ -111,6 +94,27 @@ def _as_strata(diffs) -> list[np.ndarray]:
     return strata
 
 
+def _bootstrap_draws(strata: list[np.ndarray], n_boot: int, rng: np.random.Generator,
+                     resample_seeds: bool) -> np.ndarray:
+    """``n_boot`` resampled statistics, drawn in chunks of whole resamples (vectorised per chunk)."""
+    n_seeds = strata[0].shape[0]
+    draws = np.empty(n_boot)
+    largest = max(s.shape[1] for s in strata)
+    chunk = max(1, min(n_boot, _CHUNK_VALUES // max(1, largest * n_seeds)))
+    for start in range(0, n_boot, chunk):
+        size = min(chunk, n_boot - start)
+        seed_idx = rng.integers(0, n_seeds, size=(size, n_seeds)) if resample_seeds else None
+        total = np.zeros(size)
+        for s in strata:
+            idx = rng.integers(0, s.shape[1], size=(size, s.shape[1]))
+            by_seed = s[:, idx].mean(axis=2).T  # (size, n_seeds): every seed on the same resampled examples
+            if seed_idx is not None:
+                by_seed = np.take_along_axis(by_seed, seed_idx, axis=1)
+            total += by_seed.mean(axis=1)
+        draws[start:start + size] = total / len(strata)
+    return draws
+
+
 def paired_bootstrap(diffs, *, n_boot: int = DEFAULT_N_BOOT, confidence: float = DEFAULT_CONFIDENCE,
                      seed: int = 0, resample_seeds: bool = False) -> BootstrapCI:
     """Bootstrap CI of ``mean over strata of mean over seeds of mean over examples`` of paired differences.
@@ -126,43 +130,28 @@ def paired_bootstrap(diffs, *, n_boot: int = DEFAULT_N_BOOT, confidence: float =
     if n_boot < 1:
         raise ValueError(f"n_boot={n_boot}: must be >= 1")
     strata = _as_strata(diffs)
-    n_seeds = strata[0].shape[0]
     per_seed = np.mean([s.mean(axis=1) for s in strata], axis=0)  # (n_seeds,)
-    rng = np.random.default_rng(seed)
-    draws = np.empty(n_boot)
-    largest = max(s.shape[1] for s in strata)
-    chunk = max(1, min(n_boot, _CHUNK_VALUES // max(1, largest * n_seeds)))
-    for start in range(0, n_boot, chunk):
-        size = min(chunk, n_boot - start)
-        seed_idx = rng.integers(0, n_seeds, size=(size, n_seeds)) if resample_seeds else None
-        total = np.zeros(size)
-        for s in strata:
-            idx = rng.integers(0, s.shape[1], size=(size, s.shape[1]))
-            by_seed = s[:, idx].mean(axis=2).T  # (size, n_seeds)
-            if seed_idx is not None:
-                by_seed = np.take_along_axis(by_seed, seed_idx, axis=1)
-            total += by_seed.mean(axis=1)
-        draws[start:start + size] = total / len(strata)
+    draws = _bootstrap_draws(strata, n_boot, np.random.default_rng(seed), resample_seeds)
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(draws, [tail, 1.0 - tail])
     return BootstrapCI(mean_diff=float(per_seed.mean()), low=float(low), high=float(high), confidence=confidence,
-                       n_boot=n_boot, n_examples=int(sum(s.shape[1] for s in strata)), n_seeds=n_seeds,
+                       n_boot=n_boot, n_examples=int(sum(s.shape[1] for s in strata)), n_seeds=len(per_seed),
                        resampled="examples+seeds" if resample_seeds else "examples",
                        per_seed_diff=tuple(float(v) for v in per_seed))
 
 
 def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], **kwargs) -> BootstrapCI:
     """CI of ``mean(b - a)`` over paired examples of one run (e.g. per-example correctness 0/1)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"paired_bootstrap_ci: a {a.shape} and b {b.shape} must be 1-D and paired")
-    return paired_bootstrap([(b - a)[None, :]], **kwargs)
+    xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if xa.shape != xb.shape or xa.ndim != 1:
+        raise ValueError(f"paired_bootstrap_ci: a {xa.shape} and b {xb.shape} must be 1-D and paired")
+    return paired_bootstrap([(xb - xa)[None, :]], **kwargs)
 
 
 def paired_bootstrap_ci_seeds(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]],
                               **kwargs) -> BootstrapCI:
     """CI of the seed-averaged ``mean(b - a)``; ``a``, ``b``: (n_seeds, n_examples), same examples per seed."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"paired_bootstrap_ci_seeds: a {a.shape} and b {b.shape} must be (n_seeds, n_examples)")
-    return paired_bootstrap([b - a], **kwargs)
+    xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if xa.shape != xb.shape or xa.ndim != 2:
+        raise ValueError(f"paired_bootstrap_ci_seeds: a {xa.shape} and b {xb.shape} must be (n_seeds, n_examples)")
+    return paired_bootstrap([xb - xa], **kwargs)
