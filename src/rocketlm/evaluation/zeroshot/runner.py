@@ -276,78 +276,75 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str] | str, *, data_dir: str
     "limit": ..., "config": {...}, "model": {...}}``.
     """
     names = resolve_tasks(tasks if isinstance(tasks, str) else ",".join(tasks))
+    _check_limits(limit, batch_size)
+    hub = isinstance(data_dir, str) and data_dir.strip().lower() == HUB
+    source, docs, unavailable = (HUB, {}, {}) if hub else _load_local_docs(names, data_dir)
+    if hub:
+        unavailable = {}
+    run_names = [n for n in names if n not in unavailable]
+    if not run_names:
+        raise MissingDataError(f"none of the requested tasks ({', '.join(names)}) can be evaluated: "
+                               + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
+    _require_lm_eval()
+    out_tasks: dict[str, dict[str, Any]] = {}
+    lm_versions: dict[str, Any] = {}
+    with _on_device(model, device):
+        with _quiet_lm_eval():
+            hf_lm = _make_lm(model, tokenizer, batch_size, progress)
+        with _request_cache(hf_lm, request_cache, model) as lm:
+            _run_tasks(lm, run_names, docs, hub, limit, bootstrap_iters, out_tasks, lm_versions)
+    config = {"tasks": names, "data": source, "limit": limit,
+              "limit_semantics": "first N documents of each task (of each MMLU subject)",
+              "batch_size": batch_size,
+              "device": device if device is not None else _model_summary(model).get("device"),
+              "num_fewshot": 0, "average_metric": AVERAGE_METRIC, "bootstrap_iters": bootstrap_iters,
+              "task_definitions": {n: describe_task(n, source=("hub" if hub else "local")) for n in run_names}}
+    return {"tasks": out_tasks, "unavailable": unavailable, "average": _average(out_tasks), "limit": limit,
+            "config": config, "model": {**_model_summary(model), **(model_info or {})},
+            "versions": {**_versions(), "lm_eval_tasks": {k: _num(v) if not isinstance(v, str) else v
+                                                          for k, v in lm_versions.items()}}}
+
+
+def _check_limits(limit, batch_size) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigError(f"limit={limit!r}: must be a positive integer (documents per task) or None for all")
     if isinstance(batch_size, int) and batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: must be >= 1")
 
-    hub = isinstance(data_dir, str) and data_dir.strip().lower() == HUB
-    unavailable: dict[str, str] = {}
+
+def _load_local_docs(names: list[str], data_dir) -> tuple[str, dict[str, list[dict[str, Any]]], dict[str, str]]:
+    """Parse every requested task's local files first, so a missing file fails before any model work."""
+    zdir = resolve_data_dir(data_dir)
     docs: dict[str, list[dict[str, Any]]] = {}
-    source = HUB
-    if not hub:
-        zdir = resolve_data_dir(data_dir)
-        source = str(zdir)
-        for name in names:  # parse everything first: a missing file fails before any model work
-            if not TASKS[name].local:
-                unavailable[name] = RACE_UNAVAILABLE
-                continue
-            docs[name] = LOADERS[name](zdir)
-            expected = EXPECTED_COUNTS.get(name)
-            if expected is not None and len(docs[name]) != expected:
-                logger.warning("%s: %d documents in %s, the published count is %d",
-                               name, len(docs[name]), zdir, expected)
-    run_names = [n for n in names if n not in unavailable]
-    if not run_names:
-        raise MissingDataError(f"none of the requested tasks ({', '.join(names)}) can be evaluated: "
-                               + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
+    unavailable: dict[str, str] = {}
+    for name in names:
+        if not TASKS[name].local:
+            unavailable[name] = RACE_UNAVAILABLE
+            continue
+        docs[name] = LOADERS[name](zdir)
+        expected = EXPECTED_COUNTS.get(name)
+        if expected is not None and len(docs[name]) != expected:
+            logger.warning("%s: %d documents in %s, the published count is %d", name, len(docs[name]), zdir, expected)
+    return str(zdir), docs, unavailable
 
-    _require_lm_eval()
 
+@contextlib.contextmanager
+def _on_device(model, device: str | None):
+    """Evaluate on ``device`` (None: where the model is), in eval mode; restore both afterwards."""
+    import torch
     moved_from = None
     was_training = getattr(model, "training", False)
-    if device is not None:
-        import torch
-        target = torch.device(device)
-        current = next(model.parameters()).device
-        if current != target:
-            moved_from = current
-            model.to(target)
+    if device is not None and next(model.parameters()).device != torch.device(device):
+        moved_from = next(model.parameters()).device
+        model.to(torch.device(device))
     model.eval()
-    out_tasks: dict[str, dict[str, Any]] = {}
-    lm_versions: dict[str, Any] = {}
     try:
-        with _quiet_lm_eval():
-            hf_lm = _make_lm(model, tokenizer, batch_size, progress)
-        with _request_cache(hf_lm, request_cache, model) as lm:
-            _run_tasks(lm, run_names, docs, hub, limit, bootstrap_iters, out_tasks, lm_versions)
+        yield model
     finally:
         if moved_from is not None:
             model.to(moved_from)
         if was_training:
             model.train()
-
-    return {
-        "tasks": out_tasks,
-        "unavailable": unavailable,
-        "average": _average(out_tasks),
-        "limit": limit,
-        "config": {
-            "tasks": names,
-            "data": source,
-            "limit": limit,
-            "limit_semantics": "first N documents of each task (of each MMLU subject)",
-            "batch_size": batch_size,
-            "device": device if device is not None else _model_summary(model).get("device"),
-            "num_fewshot": 0,
-            "average_metric": AVERAGE_METRIC,
-            "bootstrap_iters": bootstrap_iters,
-            "task_definitions": {n: describe_task(n, source=("hub" if hub else "local")) for n in run_names},
-        },
-        "model": {**_model_summary(model), **(model_info or {})},
-        "versions": {**_versions(), "lm_eval_tasks": {k: _num(v) if not isinstance(v, str) else v
-                                                      for k, v in lm_versions.items()}},
-    }
 
 
 def _run_tasks(lm, run_names, docs, hub, limit, bootstrap_iters, out_tasks, lm_versions) -> None:
