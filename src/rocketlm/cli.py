@@ -148,17 +148,29 @@ def _config_from_args(args: argparse.Namespace) -> RocketConfig:
 
 def _cmd_compress(args) -> int:
     from rocketlm.checkpoint.io import save_compressed
+    from rocketlm.distributed import init_from_env
     from rocketlm.models.loading import load_model
     from rocketlm.pipeline import compress
 
     from rocketlm.preflight import check_compress_inputs
 
     config = _config_from_args(args)
-    check_compress_inputs(config, args.out, args.data, overwrite=args.overwrite)
-    model, tokenizer = load_model(config.model, device=config.device, dtype=args.dtype)
-    result = compress(model, tokenizer, config, cache_dir=args.cache_dir, data_dir=args.data, progress=not args.quiet)
-    manifest = save_compressed(result, args.out)
-    _print_summary(manifest)
+    dist = init_from_env(config.device)  # one process unless started by torchrun
+    if not dist.is_main:  # progress bars on rank 0 only
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    try:
+        with dist.step("checking the inputs"):
+            check_compress_inputs(config, args.out, args.data, overwrite=args.overwrite)
+        with dist.step("loading the model"):
+            model, tokenizer = load_model(config.model, device=dist.device(config.device), dtype=args.dtype)
+        result = compress(model, tokenizer, config, cache_dir=args.cache_dir, data_dir=args.data,
+                          progress=not args.quiet, dist=dist)
+        manifest = dist.on_main(lambda: save_compressed(result, args.out), "writing the checkpoint", broadcast=False)
+        if dist.is_main:
+            _print_summary(manifest)
+    finally:
+        dist.close()
     return 0
 
 
@@ -314,17 +326,22 @@ COMMANDS = {"compress": _cmd_compress, "ppl": _cmd_ppl, "info": _cmd_info, "expo
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rocketlm.distributed import env_rank_tag
+
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
+    rank = env_rank_tag()  # "rank R/W" under a multi-process torchrun launch
     logging.basicConfig(level=logging.DEBUG if args.verbose else (logging.WARNING if quiet else logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+                        format="%(asctime)s %(levelname)s " + (f"[{rank}] " if rank else "") + "%(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    where = f"rocketlm {args.command}" + (f" [{rank}]" if rank else "")
     try:
         return COMMANDS[args.command](args)
     except RocketError as exc:
-        print(f"rocketlm {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{where}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; cached calibration and profiles are kept, rerun the same command to resume",
+        print(f"{where}: interrupted; cached calibration and profiles are kept, rerun the same command to resume",
               file=sys.stderr)
         return 130
 

@@ -18,11 +18,12 @@ from rocketlm.calibration.run import calibration_windows, run_calibration
 from rocketlm.calibration.store import GramStore
 from rocketlm.compression.apply import apply_allocation
 from rocketlm.config import RocketConfig
+from rocketlm.distributed.context import SINGLE, DistContext
+from rocketlm.distributed.profiling import open_profile_store
 from rocketlm.models.discovery import DecoderStructure, decoder_structure
 from rocketlm.monitor import StageStats, stage
 from rocketlm.profiling.profile import LayerProfile
 from rocketlm.profiling.run import run_profiling
-from rocketlm.profiling.store import ProfileStore
 from rocketlm.storage import model_fingerprint, stable_hash
 
 log = logging.getLogger(__name__)
@@ -71,26 +72,46 @@ def run_keys(model_key: str, windows: torch.Tensor, structure: DecoderStructure,
 
 
 def compress(model, tokenizer, config: RocketConfig, *, cache_dir: str | os.PathLike | None = None,
-             data_dir: str | None = None, progress: bool = True) -> CompressionResult:
-    """Compress ``model`` in place with ROCKET under ``config`` and return the result."""
+             data_dir: str | None = None, progress: bool = True, dist: DistContext | None = None) -> CompressionResult:
+    """Compress ``model`` in place with ROCKET under ``config`` and return the result.
+
+    ``dist`` (default: one process): the :class:`DistContext` of a multi-process run
+    (:func:`rocketlm.distributed.init_from_env`); every rank calls this with the same arguments.
+    Calibration is data-parallel, profiling and compression layer-parallel, allocation on rank 0.
+    Rank 0's result is complete (model, profiles); the other ranks' results hold the allocation
+    and only their own share of the compressed layers, and no profiles.
+    """
+    dist = dist or SINGLE
+    progress = progress and dist.is_main
     stats: dict[str, StageStats] = {}
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     structure = decoder_structure(model, config.targets, config.ignore)
     dtype = value_dtype(model, config)
     with stage("calibration", stats):
-        windows, source = calibration_windows(tokenizer, config, data_dir)
-        keys = run_keys(targets_fingerprint(model, structure), windows, structure, config, dtype)
-        grams = GramStore(cache, keys.calibration, {"source": source, "samples": config.calib_samples,
-                                                    "seq_len": config.calib_seq_len, "seed": config.seed})
-        run_calibration(model, structure, windows, config, grams, progress)
+        with dist.step("reading the calibration data"):
+            windows, source = calibration_windows(tokenizer, config, data_dir)
+            keys = run_keys(targets_fingerprint(model, structure), windows, structure, config, dtype)
+        meta = {"source": source, "samples": config.calib_samples, "seq_len": config.calib_seq_len,
+                "seed": config.seed}
+        grams = dist.on_main_first(lambda: GramStore(cache, keys.calibration, meta), "opening the Gram cache")
+        run_calibration(model, structure, windows, config, grams, progress, dist)
     with stage("profiling", stats):
-        store = ProfileStore(cache, keys.profile, {"calibration": keys.calibration, "grid": config.grid})
-        profiles = run_profiling(model, structure, grams, store, config, dtype, progress)
+        store = open_profile_store(cache, keys.profile, {"calibration": keys.calibration, "grid": config.grid}, dist)
+        profiles = run_profiling(model, structure, grams, store, config, dtype, progress, dist)
     with stage("allocation", stats):
-        allocation = allocate(profiles, config.removed_ratio, config.cost, config.budget_count, config.alpha)
+        allocation = dist.on_main(lambda: allocate(profiles, config.removed_ratio, config.cost, config.budget_count,
+                                                   config.alpha), "allocating")
     log.info("allocation: %s cost, removed %.2f%% (target %.2f%%)", config.cost,
              100 * allocation.achieved_removed_ratio, 100 * config.removed_ratio)
     with stage("compression", stats):
-        checks = apply_allocation(model, structure, allocation, grams, config, dtype, progress)
-    return CompressionResult(model, tokenizer, config, allocation, profiles, stats, keys,
-                             {**checks, "calibration_source": source, "profile_store": str(store.path)})
+        checks = apply_allocation(model, structure, allocation, grams, config, dtype, progress, dist)
+    checks = {**checks, "calibration_source": source, "profile_store": str(store.path)}
+    if dist.distributed:
+        checks["ranks"] = dist.all_gather(rank_record(dist, stats))
+    return CompressionResult(model, tokenizer, config, allocation, profiles, stats, keys, checks)
+
+
+def rank_record(dist: DistContext, stats: dict[str, StageStats]) -> dict:
+    """One rank's host and stage figures, for the manifest of a multi-process run."""
+    return {"rank": dist.rank, "host": dist.host, "backend": dist.backend,
+            "stages": {name: s.to_json() for name, s in stats.items()}}

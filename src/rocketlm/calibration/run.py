@@ -31,8 +31,14 @@ def calibration_windows(tokenizer, config: RocketConfig, data_dir: str | None = 
 
 
 def run_calibration(model, structure: DecoderStructure, windows: torch.Tensor, config: RocketConfig,
-                    store: GramStore, progress: bool = True) -> None:
-    """Accumulate and store the Grams of every block not yet in ``store``."""
+                    store: GramStore, progress: bool = True, dist=None) -> None:
+    """Accumulate and store the Grams of every block not yet in ``store``.
+
+    ``dist``: a :class:`rocketlm.distributed.DistContext`; with several processes each forwards its
+    share of ``windows`` and the Grams are summed over them (``rocketlm.distributed.calibration``)."""
+    if dist is not None and dist.distributed:
+        from rocketlm.distributed.calibration import calibrate_parallel
+        return calibrate_parallel(model, structure, windows, config, store, progress, dist)
     missing = {b for b in range(len(structure.blocks)) if not store.has(b)}
     if not missing:
         log.info("calibration: all %d blocks cached in %s", len(structure.blocks), store.dir)

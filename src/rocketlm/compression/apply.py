@@ -2,6 +2,8 @@
 compressed module."""
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from tqdm.auto import tqdm
 
@@ -16,19 +18,26 @@ from rocketlm.models.discovery import DecoderStructure
 
 
 def apply_allocation(model, structure: DecoderStructure, allocation: Allocation, grams_store: GramStore,
-                     config: RocketConfig, value_dtype: torch.dtype, progress: bool = True) -> dict:
-    """Factor every non-dense layer with its chosen candidate and swap in the compressed module.
+                     config: RocketConfig, value_dtype: torch.dtype, progress: bool = True, dist=None,
+                     only: Collection[str] | None = None, desc: str = "compression (layers)") -> dict:
+    """Factor every non-dense layer (or those in ``only``) with its chosen candidate and swap in the
+    compressed module.
 
     The factorization is the profiled one (same function, same dtype); its errors must agree
     with the profiled errors, and the errors recomputed from the shipped ``U V`` in float64
     must agree too (within float32 rounding of the profiling algebra). Returns the worst gaps.
+    ``dist``: a :class:`rocketlm.distributed.DistContext`; with several processes the layers are
+    shared out and rank 0's model receives them all (``rocketlm.distributed.compression``).
     """
+    if dist is not None and dist.distributed:
+        from rocketlm.distributed.compression import apply_parallel
+        return apply_parallel(model, structure, allocation, grams_store, config, value_dtype, progress, dist)
     modules = dict(model.named_modules())
     device = next(model.parameters()).device
     dtype = getattr(torch, config.profile_dtype)
-    by_name = {c.name: c for c in allocation.choices if not c.dense}
+    by_name = {c.name: c for c in allocation.choices if not c.dense and (only is None or c.name in only)}
     worst = {"profile_vs_shipped": 0.0, "profile_vs_direct": 0.0}
-    with tqdm(total=len(by_name), desc="compression (layers)", disable=not progress) as bar:
+    with tqdm(total=len(by_name), desc=desc, disable=not progress) as bar:
         for name, S, _ in whitened_layers(structure, grams_store, by_name.__contains__, config.whitening_eps, device):
             choice, linear = by_name[name], modules[name]
             W = weight_matrix(linear)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 import torch
 from tqdm.auto import tqdm
@@ -15,16 +16,25 @@ from rocketlm.profiling.store import ProfileStore
 
 
 def run_profiling(model, structure: DecoderStructure, grams_store: GramStore, store: ProfileStore,
-                  config: RocketConfig, value_dtype: torch.dtype, progress: bool = True) -> list[LayerProfile]:
-    """Profile every target layer not yet in ``store``; returns all profiles in model order."""
+                  config: RocketConfig, value_dtype: torch.dtype, progress: bool = True, dist=None,
+                  layers: Collection[str] | None = None, desc: str = "profiling (layers)") -> list[LayerProfile]:
+    """Profile every target layer (or every one in ``layers``) not yet in ``store``; returns their
+    profiles in model order.
+
+    ``dist``: a :class:`rocketlm.distributed.DistContext`; with several processes the layers are shared
+    out and rank 0 returns every profile, the others ``[]`` (``rocketlm.distributed.profiling``)."""
+    if dist is not None and dist.distributed:
+        from rocketlm.distributed.profiling import profile_parallel
+        return profile_parallel(model, structure, grams_store, store, config, value_dtype, progress, dist)
     modules = dict(model.named_modules())
     device = next(model.parameters()).device
     dtype = getattr(torch, config.profile_dtype)
     value_bytes = torch.tensor([], dtype=value_dtype).element_size()
-    todo = [name for name in structure.all_targets if name not in store]
-    with tqdm(total=len(structure.all_targets), initial=len(structure.all_targets) - len(todo),
-              desc="profiling (layers)", disable=not progress) as bar:
-        for name, S, group in whitened_layers(structure, grams_store, lambda n: n not in store,
+    wanted = set(structure.all_targets if layers is None else layers)
+    names = [name for name in structure.all_targets if name in wanted]
+    todo = [name for name in names if name not in store]
+    with tqdm(total=len(names), initial=len(names) - len(todo), desc=desc, disable=not progress) as bar:
+        for name, S, group in whitened_layers(structure, grams_store, lambda n: n in wanted and n not in store,
                                               config.whitening_eps, device):
             start = time.perf_counter()
             profile = profile_layer(name, weight_matrix(modules[name]), S, config.grid, group=group,
@@ -33,4 +43,4 @@ def run_profiling(model, structure: DecoderStructure, grams_store: GramStore, st
             profile.seconds = time.perf_counter() - start
             store.put(profile)
             bar.update(1)
-    return [store.layers[name] for name in structure.all_targets]
+    return [store.layers[name] for name in names]
