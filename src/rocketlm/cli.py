@@ -51,6 +51,16 @@ def _compress_parser(sub) -> None:
     p.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"), help="dtype of the saved tensors")
     p.add_argument("--cache-dir", help="where Grams and profiles are cached (default: $ROCKETLM_CACHE or ~/.cache/rocketlm)")
     p.add_argument("--config", help="JSON file with a RocketConfig; flags given on the command line override it")
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction,
+                   help="factor each layer with the Gram of its input in the model compressed so far "
+                        f"(a second, sequential calibration pass) (default {'on' if d.sequential else 'off'})")
+    p.add_argument("--upstream-correction", action=argparse.BooleanOptionalAction,
+                   help="with --sequential: fit the dense model's outputs from the compressed inputs, so a layer "
+                        f"also repairs what earlier layers broke (default {'on' if d.upstream_correction else 'off'})")
+    p.add_argument("--refine-iters", type=int,
+                   help=f"alternating closed-form refits of U and of V's kept values (default {d.refine_iters})")
+    p.add_argument("--sensitivity-samples", type=int,
+                   help=f"calibration windows for the 'fisher' cost's sensitivities (default {d.sensitivity_samples})")
     _add_common(p)
 
 
@@ -129,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAG_TO_FIELD = {"ratio": "removed_ratio", "cost": "cost", "budget_count": "budget_count", "alpha": "alpha",
                   "targets": "targets", "ignore": "ignore", "calib": "calib_files", "calib_dataset": "calib_dataset",
                   "calib_samples": "calib_samples", "seq_len": "calib_seq_len", "calib_batch_size": "calib_batch_size",
-                  "seed": "seed", "profile_dtype": "profile_dtype", "device": "device", "save_dtype": "save_dtype"}
+                  "seed": "seed", "profile_dtype": "profile_dtype", "device": "device", "save_dtype": "save_dtype",
+                  "sequential": "sequential", "upstream_correction": "upstream_correction",
+                  "refine_iters": "refine_iters", "sensitivity_samples": "sensitivity_samples"}
 
 
 def _config_from_args(args: argparse.Namespace) -> RocketConfig:

@@ -98,6 +98,12 @@ class RocketConfig:
     ridge_rel: float = 0.0  # dictionary refit ridge relative to mean diag(C C^T); a singular C C^T gets >= 1e-9 anyway
     importance_power: float = 0.5  # importance = |C_ij| * ||S^-1 q_i||^power (reference compression step)
     profile_dtype: str = "float32"  # dtype of the per-candidate algebra (whitening and SVD are always float64)
+    # compression stage (rocketlm.compression.sequential): statistics and target each chosen layer is factored with
+    sequential: bool = False  # factor each layer with the Gram of its input in the model compressed so far
+    upstream_correction: bool = False  # (needs sequential) fit the dense model's outputs X_d W from compressed inputs
+    refine_iters: int = 0  # alternating closed-form refits of U and of V's kept values after the closed form
+    # allocation cost "fisher": per-layer sensitivities from a backward pass (no weight update)
+    sensitivity_samples: int = 16  # calibration windows (the first N) used to measure the sensitivities
     # runtime
     device: str = "cpu"
     runtime: str = "auto"  # run-time form of compressed layers after loading: auto (measured), factored, sparse, merged
@@ -124,6 +130,12 @@ class RocketConfig:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.ridge_rel < 0 or self.whitening_eps <= 0:
             raise ConfigError(f"ridge_rel={self.ridge_rel} must be >= 0 and whitening_eps={self.whitening_eps} > 0")
+        if self.refine_iters < 0 or self.sensitivity_samples < 1:
+            raise ConfigError(f"refine_iters={self.refine_iters} must be >= 0 and "
+                              f"sensitivity_samples={self.sensitivity_samples} >= 1")
+        if self.upstream_correction and not self.sequential:
+            raise ConfigError("upstream_correction needs sequential calibration (it fits the dense outputs from the "
+                              "compressed model's inputs): set sequential=True (--sequential) as well")
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"runtime={self.runtime!r}: choose one of {', '.join(RUNTIMES)}")
         if self.profile_dtype not in ("float32", "float64"):

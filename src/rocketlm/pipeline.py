@@ -16,7 +16,10 @@ import torch
 from rocketlm.allocation.plan import Allocation, allocate
 from rocketlm.calibration.run import calibration_windows, run_calibration
 from rocketlm.calibration.store import GramStore
+from rocketlm.allocation.costs import needs_sensitivity
+from rocketlm.calibration.sensitivity import attach_sensitivities, cached_sensitivities
 from rocketlm.compression.apply import apply_allocation
+from rocketlm.compression.sequential import compress_with_refits, uses_refit_stage
 from rocketlm.config import RocketConfig
 from rocketlm.distributed.context import SINGLE, DistContext
 from rocketlm.distributed.profiling import open_profile_store
@@ -99,12 +102,18 @@ def compress(model, tokenizer, config: RocketConfig, *, cache_dir: str | os.Path
         store = open_profile_store(cache, keys.profile, {"calibration": keys.calibration, "grid": config.grid}, dist)
         profiles = run_profiling(model, structure, grams, store, config, dtype, progress, dist)
     with stage("allocation", stats):
+        if needs_sensitivity(config.cost):  # per-layer sensitivities for the "fisher" cost (one backward pass, cached)
+            attach_sensitivities(profiles, cached_sensitivities(model, structure, windows, config.sensitivity_samples,
+                                                                cache, keys.calibration, progress))
         allocation = dist.on_main(lambda: allocate(profiles, config.removed_ratio, config.cost, config.budget_count,
                                                    config.alpha), "allocating")
     log.info("allocation: %s cost, removed %.2f%% (target %.2f%%)", config.cost,
              100 * allocation.achieved_removed_ratio, 100 * config.removed_ratio)
     with stage("compression", stats):
-        checks = apply_allocation(model, structure, allocation, grams, config, dtype, progress, dist)
+        if uses_refit_stage(config):  # sequential calibration / upstream correction / refinement (one process)
+            checks = compress_with_refits(model, structure, allocation, grams, windows, config, dtype, progress, dist)
+        else:
+            checks = apply_allocation(model, structure, allocation, grams, config, dtype, progress, dist)
     checks = {**checks, "calibration_source": source, "profile_store": str(store.path)}
     if dist.distributed:
         checks["ranks"] = dist.all_gather(rank_record(dist, stats))

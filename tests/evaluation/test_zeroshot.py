@@ -23,7 +23,7 @@ from rocketlm.evaluation import zeroshot as zs  # noqa: E402
 from rocketlm.evaluation.zeroshot import data as zdata  # noqa: E402
 from rocketlm.evaluation.zeroshot import tasks as ztasks  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("ROCKETLM_DATA") or REPO.parent / "shared" / "data")
 HAS_DATA = (DATA / "zeroshot").is_dir()
 needs_data = pytest.mark.skipif(not HAS_DATA, reason=f"zero-shot data not found at {DATA / 'zeroshot'} "

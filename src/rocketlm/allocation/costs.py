@@ -58,3 +58,22 @@ def output_cost(profile: LayerProfile, candidate: Candidate) -> float:
                         "perplexity and ActCost's accuracy, the trade-off the ActCost paper reports)")
 def blend_cost(profile: LayerProfile, candidate: Candidate) -> float:
     return 0.5 * (candidate.error_weight + candidate.error_output)
+
+
+SENSITIVITY_COSTS = ("fisher",)
+
+
+def needs_sensitivity(cost: str) -> bool:
+    """Whether ``cost`` reads per-layer sensitivities (``profile.sensitivity``, set by
+    :func:`rocketlm.calibration.sensitivity.attach_sensitivities`)."""
+    return cost in SENSITIVITY_COSTS
+
+
+@register_cost("fisher", "predicted loss increase: sensitivity x (output error)^2, the sensitivity measured per layer "
+                         "by a backward pass on calibration windows (empirical Fisher, no weight update)")
+def fisher_cost(profile: LayerProfile, candidate: Candidate) -> float:
+    sensitivity = getattr(profile, "sensitivity", None)
+    if sensitivity is None:
+        raise ValueError(f"{profile.name}: the 'fisher' cost needs per-layer sensitivities; measure them with "
+                         "rocketlm.calibration.sensitivity.cached_sensitivities and attach_sensitivities first")
+    return sensitivity * candidate.error_output ** 2
