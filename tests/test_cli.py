@@ -56,3 +56,30 @@ def test_cli_errors_are_one_clear_line(tiny_dir, data_dir, tmp_path, capsys, mon
                "--seq-len", "16", "--grid", "removed=0.1,0.3;ks=1,2", "--cache-dir", str(tmp_path / "c"), "-q"])
     assert rc == 2
     assert "cannot be reached" in capsys.readouterr().err
+
+
+def test_cli_flops_budget_generate_bench_and_runtime_info(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ROCKETLM_DATA", str(data_dir))
+    monkeypatch.setenv("ROCKETLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ckpt-flops"
+    assert main(["compress", str(tiny_dir), "--ratio", "0.3", "--cost", "output", "--budget-count", "flops",
+                 "--out", str(out), "--calib-samples", "6", "--seq-len", "32", "--grid", "removed=0.1:0.7:0.2;ks=1,2,3",
+                 "-q"]) == 0
+    manifest = json.loads((out / "rocketlm.json").read_text())
+    assert manifest["allocation"]["achieved_removed_flops_ratio"] >= 0.3
+    assert "multiply-adds per token" in capsys.readouterr().out
+
+    assert main(["info", str(out), "--layers", "--runtime", "factored"]) == 0
+    table = capsys.readouterr().out
+    assert "flops/dense" in table and "factored" in table and "run time on cpu" in table
+
+    assert main(["generate", str(out), "w1 w2 w3", "--max-new-tokens", "5", "--runtime", "factored", "-q"]) == 0
+    assert "w1 w2 w3" in capsys.readouterr().out
+
+    assert main(["bench", str(out), "--against", str(tiny_dir), "--runs", "1", "--prefill-tokens", "16",
+                 "--prompt-tokens", "8", "--new-tokens", "4", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "prefill" in printed and "decode" in printed and f"vs {tiny_dir}" in printed
+
+    assert main(["convert", str(out)]) == 0
+    assert "nothing to do" in capsys.readouterr().out

@@ -84,3 +84,52 @@ def test_alpha_auto_solves_without_the_cap_when_no_cap_is_feasible():
     alloc = allocate(profiles, 0.5, "weight", alpha="auto")
     assert alloc.alpha is None and alloc.achieved_removed_ratio >= 0.5
     assert all(not c.dense for c in alloc.choices)
+
+
+def _shaped_profile(name, d_in, d_out, seed):
+    """Candidates with the real (k, s) of the grid, so their run flops differ by ks."""
+    import random
+    from rocketlm.factorization.sparse_dictionary import candidate_shape, kept_bytes, kept_values
+    rng = random.Random(seed)
+    cands = []
+    for removed in (0.1, 0.3, 0.5, 0.7):
+        for ks in (1.0, 1.5, 2.0, 3.0):
+            k, s = candidate_shape(d_in, d_out, removed, ks)
+            e_w = removed * (1 + 0.3 * rng.random()) / ks ** 0.3
+            cands.append(Candidate(removed, ks, k, s, kept_values(d_in, d_out, k, s),
+                                   kept_bytes(d_in, d_out, k, s, 4), e_w, e_w * (1 + 0.1 * rng.random())))
+    return LayerProfile(name, d_in, d_out, d_in * d_out, 4 * d_in * d_out, name, cands)
+
+
+SHAPED = [_shaped_profile(f"s{i}", 32 * (1 + i % 3), 48, i) for i in range(4)]
+
+
+def test_flops_budget_counts_run_flops_and_is_optimal():
+    from rocketlm.allocation.plan import run_flops
+    target = 0.35
+    alloc = allocate(SHAPED, target, "weight", budget_count="flops", alpha=None)
+    assert alloc.achieved_removed_flops_ratio >= target - 1e-12
+    for c in alloc.choices:
+        assert c.kept_flops == (c.dense_flops if c.dense else run_flops(c.d_in, c.d_out, c.k, c.s))
+        assert c.kept_flops <= c.dense_flops
+    options = candidate_choices(SHAPED, "weight", "flops")
+    total = sum(p.dense_values for p in SHAPED)
+    best = min(sum(c.cost for c in combo) for combo in itertools.product(*options)
+               if sum(c.dense_flops - c.kept_flops for c in combo) >= math.ceil(target * total))
+    assert alloc.total_cost == pytest.approx(best, rel=1e-9)
+
+
+def test_flops_options_are_the_pareto_front():
+    from rocketlm.allocation.plan import flops_options, run_flops
+    p = SHAPED[1]
+    front = flops_options(p, "weight")
+    pts = [(run_flops(p.d_in, p.d_out, c.k, c.s), c.error_weight) for c in front]
+    assert pts == sorted(pts) and all(a[1] > b[1] for a, b in zip(pts, pts[1:]))
+    for c in p.candidates:  # every candidate is dominated by (or is) a front member
+        f = run_flops(p.d_in, p.d_out, c.k, c.s)
+        assert f >= p.d_in * p.d_out or any(pf <= f and pe <= c.error_weight for pf, pe in pts)
+
+
+def test_unreachable_flops_budget_is_a_clear_error():
+    with pytest.raises(InfeasibleAllocationError, match="flops"):
+        allocate(SHAPED, 0.9, "weight", budget_count="flops", alpha=None)
