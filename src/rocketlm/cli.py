@@ -61,6 +61,10 @@ def _compress_parser(sub) -> None:
                    help=f"alternating closed-form refits of U and of V's kept values (default {d.refine_iters})")
     p.add_argument("--sensitivity-samples", type=int,
                    help=f"calibration windows for the 'fisher' cost's sensitivities (default {d.sensitivity_samples})")
+    p.add_argument("--offload", choices=("none", "auto", "cpu", "disk"),
+                   help="where the weights stay: disk = safetensors on disk, one decoder block in memory at a time "
+                        "(models larger than memory; MODEL must be a local directory); auto = disk when the weights "
+                        f"would not fit in free memory (default {d.offload})")
     _add_common(p)
 
 
@@ -141,7 +145,8 @@ _FLAG_TO_FIELD = {"ratio": "removed_ratio", "cost": "cost", "budget_count": "bud
                   "calib_samples": "calib_samples", "seq_len": "calib_seq_len", "calib_batch_size": "calib_batch_size",
                   "seed": "seed", "profile_dtype": "profile_dtype", "device": "device", "save_dtype": "save_dtype",
                   "sequential": "sequential", "upstream_correction": "upstream_correction",
-                  "refine_iters": "refine_iters", "sensitivity_samples": "sensitivity_samples"}
+                  "refine_iters": "refine_iters", "sensitivity_samples": "sensitivity_samples",
+                  "offload": "offload"}
 
 
 def _config_from_args(args: argparse.Namespace) -> RocketConfig:
@@ -175,7 +180,11 @@ def _cmd_compress(args) -> int:
         with dist.step("checking the inputs"):
             check_compress_inputs(config, args.out, args.data, overwrite=args.overwrite)
         with dist.step("loading the model"):
-            model, tokenizer = load_model(config.model, device=dist.device(config.device), dtype=args.dtype)
+            from rocketlm.offload.model import load_offloaded, resolve_offload
+            if resolve_offload(config.offload, config.model, config.device) == "disk":
+                model, tokenizer = load_offloaded(config.model, device=config.device, dtype=args.dtype)
+            else:
+                model, tokenizer = load_model(config.model, device=dist.device(config.device), dtype=args.dtype)
         result = compress(model, tokenizer, config, cache_dir=args.cache_dir, data_dir=args.data,
                           progress=not args.quiet, dist=dist)
         manifest = dist.on_main(lambda: save_compressed(result, args.out), "writing the checkpoint", broadcast=False)

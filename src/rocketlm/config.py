@@ -70,6 +70,9 @@ def parse_values(text: str, what: str = "grid range") -> tuple[float, ...]:
         raise ConfigError(f"{what} {text!r}: expected comma-separated numbers or START:STOP:STEP ({exc})") from None
 
 
+OFFLOAD_MODES = ("none", "auto", "cpu", "disk")
+
+
 @dataclass(frozen=True)
 class RocketConfig:
     """Everything that determines a compression run (saved verbatim in the checkpoint)."""
@@ -108,6 +111,8 @@ class RocketConfig:
     device: str = "cpu"
     runtime: str = "auto"  # run-time form of compressed layers after loading: auto (measured), factored, sparse, merged
     save_dtype: str | None = None  # dtype of the saved compressed tensors; None = the model's dtype
+    offload: str = "none"  # where the weights stay: none/cpu (in memory), disk (safetensors, one block onloaded
+    # at a time: rocketlm.offload) or auto (disk when the weights would not fit comfortably in free memory)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.removed_ratio < 1.0:
@@ -142,6 +147,11 @@ class RocketConfig:
             raise ConfigError(f"profile_dtype={self.profile_dtype!r}: choose float32 or float64")
         if self.save_dtype not in (None, "float32", "float16", "bfloat16"):
             raise ConfigError(f"save_dtype={self.save_dtype!r}: choose float32, float16 or bfloat16")
+        if self.offload not in OFFLOAD_MODES:
+            raise ConfigError(f"offload={self.offload!r}: choose one of {', '.join(OFFLOAD_MODES)}")
+        if self.offload == "disk" and (self.sequential or self.refine_iters or self.cost == "fisher"):
+            raise ConfigError("offload='disk' does not yet support sequential calibration, refine_iters or the "
+                              "'fisher' cost; drop them or use offload='none'")
         if isinstance(self.grid, dict):
             object.__setattr__(self, "grid", GridConfig(**self.grid))
         for name in ("targets", "ignore", "calib_files"):

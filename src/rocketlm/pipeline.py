@@ -63,6 +63,8 @@ def value_dtype(model: torch.nn.Module, config: RocketConfig) -> torch.dtype:
 
 def targets_fingerprint(model: torch.nn.Module, structure: DecoderStructure) -> str:
     """The model fingerprint the caches are keyed by: config and every targeted weight."""
+    if getattr(model, "rocketlm_offload", None) is not None:  # read from disk one weight at a time
+        return model.rocketlm_offload.fingerprint([f"{name}.weight" for name in structure.all_targets])
     return model_fingerprint(model, [f"{name}.weight" for name in structure.all_targets])
 
 
@@ -84,6 +86,10 @@ def compress(model, tokenizer, config: RocketConfig, *, cache_dir: str | os.Path
     Rank 0's result is complete (model, profiles); the other ranks' results hold the allocation
     and only their own share of the compressed layers, and no profiles.
     """
+    if getattr(model, "rocketlm_offload", None) is not None:  # --offload disk: one block resident at a time
+        from rocketlm.offload.pipeline import compress_offloaded
+        return compress_offloaded(model, tokenizer, config, cache_dir=cache_dir, data_dir=data_dir,
+                                  progress=progress, dist=dist)
     dist = dist or SINGLE
     progress = progress and dist.is_main
     stats: dict[str, StageStats] = {}

@@ -49,8 +49,9 @@ def is_checkpoint(path: str | Path) -> bool:
 def _unique_state(model: torch.nn.Module):
     """``(name, tensor)`` of every persistent tensor, tied tensors only under their first name."""
     seen = set()
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        # on the meta device (an offloaded model) every data_ptr is 0: tied tensors are the same object
+        key = id(tensor) if tensor.device.type == "meta" else (tensor.data_ptr(), tensor.shape, tensor.dtype)
         if tensor.numel() and key in seen:
             continue
         seen.add(key)
@@ -121,7 +122,11 @@ def _save_model(model, directory: Path, runtime: str) -> None:
     previous = config.__dict__.get("quantization_config", None)
     config.quantization_config = model_quantization_config(model, runtime)
     try:
-        model.save_pretrained(directory, max_shard_size=_ONE_FILE)
+        if getattr(model, "rocketlm_offload", None) is not None:  # block by block, never the whole model in memory
+            from rocketlm.offload.save import write_offloaded
+            write_offloaded(model, directory)
+        else:
+            model.save_pretrained(directory, max_shard_size=_ONE_FILE)
     finally:
         if previous is None:
             del config.quantization_config

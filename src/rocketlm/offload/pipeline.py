@@ -1,0 +1,123 @@
+"""The compression run of an offloaded model: the stages of :func:`rocketlm.pipeline.compress`, each
+walking the decoder blocks in order with one block resident at a time."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+from rocketlm.allocation.plan import allocate
+from rocketlm.calibration.grams import iterate_block_grams
+from rocketlm.calibration.run import calibration_windows
+from rocketlm.calibration.store import GramStore
+from rocketlm.compression.apply import apply_allocation
+from rocketlm.config import RocketConfig
+from rocketlm.errors import ConfigError
+from rocketlm.models.discovery import DecoderStructure, decoder_structure
+from rocketlm.monitor import StageStats, stage
+from rocketlm.offload.model import OffloadedModel
+from rocketlm.profiling.run import run_profiling
+
+log = logging.getLogger(__name__)
+
+
+def check_offload_supported(config: RocketConfig, dist=None) -> None:
+    from rocketlm.allocation.costs import needs_sensitivity
+    from rocketlm.compression.sequential import uses_refit_stage
+    if dist is not None and dist.distributed:
+        raise ConfigError("--offload disk runs in one process; drop torchrun or the offload")
+    if uses_refit_stage(config):
+        raise ConfigError("--offload disk does not yet support --sequential, --upstream-correction or "
+                          "--refine-iters; drop them or run in memory")
+    if needs_sensitivity(config.cost):
+        raise ConfigError(f"--offload disk does not yet support the {config.cost!r} cost (it needs a backward "
+                          "pass through the whole model); choose another --cost or run in memory")
+
+
+def calibrate_offloaded(off: OffloadedModel, structure: DecoderStructure, windows: torch.Tensor,
+                        config: RocketConfig, store: GramStore, progress: bool) -> None:
+    """:func:`rocketlm.calibration.run.run_calibration`, block ``b`` pinned while its windows run."""
+    n = len(structure.blocks)
+    missing = {b for b in range(n) if not store.has(b)}
+    if not missing:
+        return
+    skip = set(range(n)) - missing
+    with off.without_head(), tqdm(total=max(missing) + 1, desc="calibration (blocks)", disable=not progress) as bar:
+        off.pin(0)
+        try:
+            for b, grams in iterate_block_grams(off.model, structure, windows, config.calib_batch_size, skip, bar):
+                if grams is not None:
+                    store.put(b, grams)
+                del grams
+                off.release(b)
+                if b + 1 < n:
+                    off.pin(b + 1)
+        finally:
+            for b in list(off.pinned):
+                off.release(b)
+
+
+def profile_offloaded(off: OffloadedModel, structure, grams, store, config, dtype, progress):
+    profiles = []
+    todo = [b for b, names in enumerate(structure.targets) if any(name not in store for name in names)]
+    with tqdm(total=len(structure.blocks), initial=len(structure.blocks) - len(todo), desc="profiling (blocks)",
+              disable=not progress) as bar:
+        for b, names in enumerate(structure.targets):
+            if not names:
+                continue
+            if b in todo:
+                with off.holding(b):
+                    profiles += run_profiling(off.model, structure, grams, store, config, dtype, False, None,
+                                              layers=names)
+                bar.update(1)
+            else:
+                profiles += [store.layers[name] for name in names]
+    return profiles
+
+
+def compress_blocks_offloaded(off: OffloadedModel, structure, allocation, grams, config, dtype, progress) -> dict:
+    """Factor block by block; each compressed block goes to its piece file and back to meta."""
+    worst = {"profile_vs_shipped": 0.0, "profile_vs_direct": 0.0}
+    for b in tqdm(range(len(structure.blocks)), desc="compression (blocks)", disable=not progress):
+        off.pin(b)
+        checks = apply_allocation(off.model, structure, allocation, grams, config, dtype, False, None,
+                                  only=set(structure.targets[b]))
+        for key in worst:
+            worst[key] = max(worst[key], checks[key])
+        off.store_block(b)
+    return worst
+
+
+def compress_offloaded(model, tokenizer, config: RocketConfig, *, cache_dir=None, data_dir=None,
+                       progress: bool = True, dist=None):
+    from rocketlm.distributed.profiling import open_profile_store
+    from rocketlm.pipeline import (CompressionResult, default_cache_dir, run_keys, targets_fingerprint,
+                                   value_dtype)
+    from pathlib import Path
+
+    check_offload_supported(config, dist)
+    off: OffloadedModel = model.rocketlm_offload
+    stats: dict[str, StageStats] = {}
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    structure = decoder_structure(model, config.targets, config.ignore)
+    dtype = value_dtype(model, config)
+    with stage("calibration", stats):
+        windows, source = calibration_windows(tokenizer, config, data_dir)
+        keys = run_keys(targets_fingerprint(model, structure), windows, structure, config, dtype)
+        meta = {"source": source, "samples": config.calib_samples, "seq_len": config.calib_seq_len,
+                "seed": config.seed}
+        grams = GramStore(cache, keys.calibration, meta)
+        calibrate_offloaded(off, structure, windows, config, grams, progress)
+    with stage("profiling", stats):
+        store = open_profile_store(cache, keys.profile, {"calibration": keys.calibration, "grid": config.grid})
+        profiles = profile_offloaded(off, structure, grams, store, config, dtype, progress)
+    with stage("allocation", stats):
+        allocation = allocate(profiles, config.removed_ratio, config.cost, config.budget_count, config.alpha)
+    log.info("allocation: %s cost, removed %.2f%% (target %.2f%%)", config.cost,
+             100 * allocation.achieved_removed_ratio, 100 * config.removed_ratio)
+    with stage("compression", stats):
+        checks = compress_blocks_offloaded(off, structure, allocation, grams, config, dtype, progress)
+    checks = {**checks, "calibration_source": source, "profile_store": str(store.path), "offload": "disk"}
+    return CompressionResult(model, tokenizer, config, allocation, profiles, stats, keys, checks)

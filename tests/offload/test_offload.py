@@ -1,0 +1,94 @@
+"""Offloaded (--offload disk) and in-memory runs give identical checkpoints on tiny models."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import make_tiny_model, make_tiny_tokenizer
+from rocketlm.checkpoint.io import load_compressed, save_compressed
+from rocketlm.config import GridConfig, RocketConfig
+from rocketlm.models.loading import load_model
+from rocketlm.offload import is_offloaded, load_offloaded
+from rocketlm.offload.safetensors_stream import StreamingSafetensorsWriter
+from rocketlm.pipeline import compress
+
+GRID = GridConfig(removed_ratios=(0.1, 0.3, 0.5), ks=(1.0, 2.0))
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(f"w{(i * 7) % 400}" for i in range(6000)))
+    return str(path)
+
+
+def _saved(arch, tmp_path):
+    model = make_tiny_model(arch)
+    model.config.num_hidden_layers  # noqa: B018
+    path = tmp_path / f"dense-{arch}"
+    model.save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def _tensors(path):
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_offloaded_and_in_memory_checkpoints_are_identical(arch, calib_file, tmp_path):
+    path = _saved(arch, tmp_path)
+    config = RocketConfig(model=path, removed_ratio=0.3, cost="output", calib_files=(calib_file,), calib_samples=8,
+                          calib_seq_len=32, calib_batch_size=3, grid=GRID)
+    model, tok = load_model(path)
+    ref = compress(model, tok, config, cache_dir=tmp_path / "cache-mem", progress=False)
+    save_compressed(ref, tmp_path / "mem")
+
+    model, tok = load_offloaded(path, work_dir=tmp_path / "pieces")
+    assert is_offloaded(model)
+    assert all(p.device.type == "meta" for p in model.model.layers.parameters())
+    off = compress(model, tok, config, cache_dir=tmp_path / "cache-off", progress=False)
+    assert off.keys.calibration == ref.keys.calibration and off.keys.profile == ref.keys.profile
+    assert off.model.rocketlm_offload.resident == set()
+    save_compressed(off, tmp_path / "off")
+
+    drop = lambda a: {k: v for k, v in a.to_json().items() if k != "solve_seconds"}  # noqa: E731
+    assert drop(off.allocation) == drop(ref.allocation)
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "off")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    ca = json.loads((tmp_path / "mem" / "config.json").read_text())
+    cb = json.loads((tmp_path / "off" / "config.json").read_text())
+    assert ca["quantization_config"] == cb["quantization_config"]
+    ma = json.loads((tmp_path / "mem" / "rocketlm.json").read_text())
+    mb = json.loads((tmp_path / "off" / "rocketlm.json").read_text())
+    assert ma["dense_weights_bytes"] == mb["dense_weights_bytes"]
+    # the offloaded checkpoint loads and runs like the in-memory one
+    ids = make_tiny_tokenizer()(" ".join(f"w{i}" for i in range(20)), return_tensors="pt").input_ids
+    la = load_compressed(tmp_path / "mem")[0](ids).logits
+    lb = load_compressed(tmp_path / "off")[0](ids).logits
+    assert torch.equal(la, lb)
+
+
+def test_streaming_writer_matches_safetensors(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.uint8), "c": torch.randn(2).bfloat16()}
+    with StreamingSafetensorsWriter(tmp_path / "x.safetensors", {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()},
+                                    {"format": "pt"}) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v)
+
+
+def test_offload_rejects_what_it_cannot_do(calib_file, tmp_path):
+    from rocketlm.errors import ConfigError
+    path = _saved("llama", tmp_path)
+    model, tok = load_offloaded(path)
+    config = RocketConfig(model=path, calib_files=(calib_file,), calib_samples=4, calib_seq_len=16, grid=GRID,
+                          sequential=True)
+    with pytest.raises(ConfigError, match="offload"):
+        compress(model, tok, config, cache_dir=tmp_path / "c", progress=False)
