@@ -92,3 +92,30 @@ def test_offload_rejects_what_it_cannot_do(calib_file, tmp_path):
                           sequential=True)
     with pytest.raises(ConfigError, match="offload"):
         compress(model, tok, config, cache_dir=tmp_path / "c", progress=False)
+
+
+def test_cli_offload_disk_writes_a_loadable_checkpoint(calib_file, tmp_path):
+    from rocketlm.cli import main
+    path = _saved("llama", tmp_path)
+    out = tmp_path / "ckpt"
+    rc = main(["compress", path, "--ratio", "0.3", "--out", str(out), "--calib", calib_file, "--calib-samples", "4",
+               "--seq-len", "16", "--grid", "removed=0.3,0.5;ks=1,2", "--offload", "disk", "-q",
+               "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0
+    manifest = json.loads((out / "rocketlm.json").read_text())
+    assert manifest["config"]["offload"] == "disk" and manifest["checks"]["offload"] == "disk"
+    load_compressed(out)
+
+
+def test_offload_modes_resolve_and_validate(tmp_path):
+    from rocketlm.config import ConfigError
+    from rocketlm.offload.model import resolve_offload
+    path = _saved("llama", tmp_path)
+    assert resolve_offload("disk", path) == "disk" and resolve_offload("none", path) == "none"
+    assert resolve_offload("cpu", path, "cpu") == "none"
+    assert resolve_offload("auto", path) == "none"  # a tiny model fits
+    assert resolve_offload("auto", path, headroom=0.0) == "disk"
+    with pytest.raises(ConfigError, match="offload"):
+        RocketConfig(offload="gpu")
+    with pytest.raises(ConfigError, match="offload"):
+        RocketConfig(offload="disk", sequential=True)
