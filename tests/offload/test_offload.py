@@ -49,7 +49,15 @@ def test_offloaded_and_in_memory_checkpoints_are_identical(arch, calib_file, tmp
     model, tok = load_offloaded(path, work_dir=tmp_path / "pieces")
     assert is_offloaded(model)
     assert all(p.device.type == "meta" for p in model.model.layers.parameters())
+    offl, most = model.rocketlm_offload, []
+    onload = offl.onload
+
+    def counting_onload(b):
+        onload(b)
+        most.append(len(offl.resident))
+    offl.onload = counting_onload
     off = compress(model, tok, config, cache_dir=tmp_path / "cache-off", progress=False)
+    assert most and max(most) == 1  # never more than one decoder block materialised
     assert off.keys.calibration == ref.keys.calibration and off.keys.profile == ref.keys.profile
     assert off.model.rocketlm_offload.resident == set()
     save_compressed(off, tmp_path / "off")

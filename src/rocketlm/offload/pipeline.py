@@ -45,7 +45,8 @@ def calibrate_offloaded(off: OffloadedModel, structure: DecoderStructure, window
         return
     skip = set(range(n)) - missing
     with off.without_head(), tqdm(total=max(missing) + 1, desc="calibration (blocks)", disable=not progress) as bar:
-        off.pin(0)
+        # block 0 is read when it first runs (the keyword-capture forward and the first windows run every
+        # block on demand, one at a time); from then on block b + 1 is pinned while block b's Grams are handed out
         try:
             for b, grams in iterate_block_grams(off.model, structure, windows, config.calib_batch_size, skip, bar):
                 if grams is not None:
