@@ -59,6 +59,25 @@ class StreamingSafetensorsWriter:
             self._handle.write(memoryview(data.view(torch.uint8).numpy()))
         self._next += 1
 
+    def copy_from(self, name: str, path: str | Path, start: int, end: int, chunk: int = 1 << 26) -> None:
+        """Write ``name``'s bytes straight from ``path[start:end]`` (same dtype and shape as declared), in
+        ``chunk``-byte pieces: a large stored tensor (an embedding) never sits in memory whole."""
+        if self._next >= len(self._order) or self._order[self._next] != name:
+            raise CheckpointError(f"streaming write of {name!r} out of order")
+        shape, dtype = self.specs[name]
+        if end - start != _nbytes(shape, dtype):
+            raise CheckpointError(f"{name}: {end - start} stored bytes, declared {_nbytes(shape, dtype)}")
+        with open(path, "rb", buffering=0) as source:
+            source.seek(start)
+            left = end - start
+            while left:
+                data = source.read(min(chunk, left))
+                if not data:
+                    raise CheckpointError(f"{path} is truncated")
+                self._handle.write(data)
+                left -= len(data)
+        self._next += 1
+
     def close(self) -> None:
         self._handle.close()
         if self._next != len(self._order):

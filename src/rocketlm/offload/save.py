@@ -40,7 +40,11 @@ def write_offloaded(model: torch.nn.Module, directory: str | Path) -> None:
         for name in names:
             held = state[name]
             if name in off.sources and (held.device.type == "meta" or off.block_of(name) is None):
-                value = off.sources[name].read().to(held.dtype)  # plain read: no mapped page stays resident
+                src = off.sources[name]
+                if src.dtype == held.dtype:  # bytes copied file to file in chunks: nothing resident
+                    writer.copy_from(name, src.path, src.start, src.end)
+                    continue
+                value = src.read().to(held.dtype)  # plain read: no mapped page stays resident
             else:
                 value = held.detach()
             writer.write(name, value)
