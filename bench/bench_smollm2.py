@@ -56,7 +56,7 @@ def main() -> None:
         start = time.perf_counter()
         result = compress(model, tok, config, cache_dir=args.cache_dir, data_dir=args.data, progress=False)
         total = time.perf_counter() - start
-        manifest = save_compressed(result, out / f"r{ratio}-{cost}" + ("" if budget == "values" else f"-{budget}"))
+        manifest = save_compressed(result, out / (f"r{ratio}-{cost}" + ("" if budget == "values" else f"-{budget}")))
         if args.ppl_limit != 0:
             convert_model(model, "factored")  # exact, and much faster than the canonical form
             r = perplexity(model, windows, limit=args.ppl_limit, progress=False)
