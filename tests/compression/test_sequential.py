@@ -1,0 +1,256 @@
+"""Sequential calibration, upstream correction, alternating refinement and the fisher cost on tiny models."""
+import copy
+
+import pytest
+import torch
+
+from conftest import make_tiny_model, make_tiny_tokenizer
+from rocketlm.allocation.plan import allocate
+from rocketlm.calibration.grams import iterate_block_grams
+from rocketlm.calibration.sensitivity import attach_sensitivities, measure_sensitivities
+from rocketlm.calibration.sequential import iterate_sequential_grams
+from rocketlm.checkpoint.io import load_compressed, save_compressed
+from rocketlm.compression.modules import SparseDictionaryLinear, replace_module
+from rocketlm.compression.sequential import refit_factors
+from rocketlm.config import ConfigError, GridConfig, RocketConfig
+from rocketlm.factorization.sparse_dictionary import candidate_shape, whitening_factor
+from rocketlm.factorization.whitening import weight_matrix
+from rocketlm.models.discovery import decoder_structure
+from rocketlm.pipeline import compress
+
+GRID = GridConfig(removed_ratios=(0.1, 0.3, 0.5, 0.7), ks=(1.0, 2.0, 3.0))
+
+
+def _windows(n=6, seq=24, seed=0, vocab=512):
+    return torch.randint(3, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _input_grams(model, names, windows, other=None):
+    """Grams of every layer's input over ordinary full forwards; with ``other`` (a model of the same
+    architecture) also the cross-Grams ``X_model^T X_other`` of the same tokens."""
+    captured: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+    for tag, m in enumerate((model, other) if other is not None else (model,)):
+        modules = dict(m.named_modules())
+        for name in names:
+            def hook(module, args, name=name, tag=tag):
+                captured[(tag, name)] = args[0].reshape(-1, args[0].shape[-1]).double()
+            handles.append(modules[name].register_forward_pre_hook(hook))
+    grams, cross = {}, {}
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], 2):
+            model(input_ids=windows[i:i + 2], use_cache=False)
+            if other is not None:
+                other(input_ids=windows[i:i + 2], use_cache=False)
+            for name in names:
+                X = captured[(0, name)]
+                grams[name] = grams.get(name, 0) + X.T @ X
+                if other is not None:
+                    cross[name] = cross.get(name, 0) + X.T @ captured[(1, name)]
+    for h in handles:
+        h.remove()
+    return grams, cross
+
+
+def _compress_stage(model, stage, removed=0.5, ks=2.0, cross=True):
+    """Compress a stage's layers with their closed-form factors (the consumer of the iterator)."""
+    config = RocketConfig(removed_ratio=0.5)
+    modules = dict(model.named_modules())
+    S = whitening_factor(stage.gram)
+    for name in stage.layers:
+        W = weight_matrix(modules[name])
+        k, s = candidate_shape(*W.shape, removed, ks)
+        f = refit_factors(W, S, stage.cross if cross else None, k, s, config)
+        replace_module(model, name, SparseDictionaryLinear.from_factors(f.U, f.V, f.mask, s, None, torch.float32))
+
+
+def test_sequential_without_compression_equals_dense_calibration(tiny_arch):
+    model = make_tiny_model(tiny_arch)
+    structure = decoder_structure(model)
+    windows = _windows()
+    dense = {b: g for b, g in iterate_block_grams(model, structure, windows, batch_size=2)}
+    stages = list(iterate_sequential_grams(model, structure, windows, 2, structure.all_targets, cross=True))
+    # per block: q/k/v, o, gate/up, down, in execution order
+    assert [len(s.layers) for s in stages[:4]] == [3, 1, 2, 1]
+    assert sorted(n for s in stages for n in s.layers) == sorted(structure.all_targets)
+    for stage in stages:
+        for name in stage.layers:
+            expected = dense[stage.block].gram(name)
+            assert torch.allclose(stage.gram, expected, rtol=1e-10, atol=1e-10), name
+            assert torch.allclose(stage.cross, expected, rtol=1e-10, atol=1e-10), name
+        assert stage.tokens == windows.numel()
+
+
+@pytest.mark.parametrize("arch,max_stored_bytes", [("llama", 2 << 30), ("qwen3", 2 << 30), ("llama", 0)])
+def test_sequential_grams_equal_grams_of_the_compressed_model(arch, max_stored_bytes):
+    model = make_tiny_model(arch)
+    dense = copy.deepcopy(model)
+    structure = decoder_structure(model)
+    windows = _windows()
+    wanted = [n for n in structure.all_targets if not n.endswith("v_proj")]  # some layers stay dense
+    recorded = {}
+    for stage in iterate_sequential_grams(model, structure, windows, 2, wanted, cross=True,
+                                          max_stored_bytes=max_stored_bytes):
+        for name in stage.layers:
+            recorded[name] = (stage.gram, stage.cross)
+        _compress_stage(model, stage)
+    assert set(recorded) == set(wanted)
+    assert sum(isinstance(m, SparseDictionaryLinear) for m in model.modules()) == len(wanted)
+    grams, cross = _input_grams(model, wanted, windows, other=dense)
+    for name in wanted:
+        assert torch.allclose(recorded[name][0], grams[name], rtol=1e-9, atol=1e-9), name
+        assert torch.allclose(recorded[name][1], cross[name], rtol=1e-9, atol=1e-9), name
+    # compression upstream changes the inputs downstream: the last block's Grams differ from the dense ones
+    dense_grams, _ = _input_grams(dense, wanted, windows)
+    last = structure.targets[-1][0]
+    assert not torch.allclose(grams[last], dense_grams[last], rtol=1e-3)
+
+
+def test_upstream_corrected_factors_fit_dense_outputs_better():
+    from rocketlm.factorization.refit import upstream_corrected_weight
+    g = torch.Generator().manual_seed(0)
+    X_d = torch.randn(400, 16, generator=g, dtype=torch.float64)
+    X_c = X_d + 0.3 * torch.randn(400, 16, generator=g, dtype=torch.float64)  # upstream error
+    W = torch.randn(16, 12, generator=g, dtype=torch.float64)
+    A_c, K = X_c.T @ X_c, X_c.T @ X_d
+    S = whitening_factor(A_c)
+    W_corr = upstream_corrected_weight(W, S, K)
+    # normal equations of min ||X_d W - X_c W'||
+    assert torch.allclose(X_c.T @ (X_c @ W_corr - X_d @ W), torch.zeros(16, 12, dtype=torch.float64), atol=1e-8)
+    # no upstream error: the target is W itself
+    S_d = whitening_factor(X_d.T @ X_d)
+    assert torch.allclose(upstream_corrected_weight(W, S_d, X_d.T @ X_d), W, atol=1e-9)
+    # compressed with the corrected target, the layer reproduces the dense outputs better
+    config = RocketConfig(removed_ratio=0.5)
+    k, s = candidate_shape(16, 12, 0.3, 2.0)
+    plain = refit_factors(W, S, None, k, s, config)
+    corrected = refit_factors(W, S, K, k, s, config)
+    err = {name: float((X_c @ (f.U.double() @ f.V.double()) - X_d @ W).norm())
+           for name, f in (("plain", plain), ("corrected", corrected))}
+    assert err["corrected"] < err["plain"]
+
+
+def test_alternating_refit_never_increases_the_error_and_keeps_the_mask():
+    from rocketlm.factorization.refit import alternating_refit, refit_coefficients
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(300, 24, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 24, dtype=torch.float64)
+    W = torch.randn(24, 20, generator=g, dtype=torch.float64)
+    S = whitening_factor(X.T @ X)
+    k, s = candidate_shape(24, 20, 0.4, 2.5)
+    f = refit_factors(W, S, None, k, s, RocketConfig(removed_ratio=0.5, profile_dtype="float64"))
+    result = alternating_refit(W, S, f.U, f.V, f.mask, iterations=5)
+    errors = result.error_output
+    assert abs(errors[0] - f.closed_form_error_output) < 1e-9
+    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < errors[0]
+    assert torch.equal(result.V != 0, f.mask)
+    # the coefficient step is the per-column least squares on the kept rows
+    M, D = S @ W, S @ result.U
+    C = refit_coefficients(M, D, f.mask)
+    for j in (0, 7, 19):
+        rows = f.mask[:, j].nonzero().flatten()
+        expected = torch.linalg.lstsq(D[:, rows], M[:, j:j + 1]).solution.flatten()
+        assert torch.allclose(C[rows, j], expected, atol=1e-8)
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(f"w{(i * 7) % 400}" for i in range(6000)))
+    return str(path)
+
+
+def _config(calib_file, **kw):
+    base = dict(model="tiny", removed_ratio=0.3, cost="output", calib_files=(calib_file,), calib_samples=8,
+                calib_seq_len=32, grid=GRID)
+    base.update(kw)
+    return RocketConfig(**base)
+
+
+def _ids():
+    return make_tiny_tokenizer()(" ".join(f"w{i}" for i in range(40)), return_tensors="pt").input_ids
+
+
+@pytest.mark.parametrize("options", [dict(sequential=True), dict(sequential=True, upstream_correction=True),
+                                     dict(refine_iters=2), dict(sequential=True, upstream_correction=True,
+                                                                refine_iters=1)])
+def test_pipeline_with_refits_saves_and_loads(options, calib_file, tmp_path):
+    model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
+    result = compress(model, tok, _config(calib_file, **options), cache_dir=tmp_path / "cache", progress=False)
+    refit = result.checks["refit"]
+    assert refit["layers"] == sum(not c.dense for c in result.allocation.choices) > 0
+    if not options.get("sequential"):  # same Gram as profiled: refinement only lowers the output error
+        assert refit["mean_closed_form_error_output"] == pytest.approx(refit["mean_planned_error_output"], abs=1e-5)
+        assert refit["mean_error_output"] < refit["mean_closed_form_error_output"]
+    with torch.no_grad():
+        logits = model(_ids()).logits
+    save_compressed(result, tmp_path / "ckpt")
+    loaded, _ = load_compressed(tmp_path / "ckpt", runtime="canonical")
+    with torch.no_grad():
+        assert torch.equal(loaded(_ids()).logits, logits)
+    assert RocketConfig.from_dict(result.config.to_dict()) == result.config
+
+
+def test_refits_are_deterministic(calib_file, tmp_path):
+    outs = []
+    for run in range(2):
+        model = make_tiny_model("qwen2")
+        compress(model, make_tiny_tokenizer(), _config(calib_file, sequential=True, upstream_correction=True,
+                                                       refine_iters=1), cache_dir=tmp_path / "cache", progress=False)
+        with torch.no_grad():
+            outs.append(model(_ids()).logits)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_sensitivities_match_autograd_and_leave_weights_alone():
+    model = make_tiny_model("llama")
+    structure = decoder_structure(model)
+    windows = _windows(n=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sens = measure_sensitivities(model, structure, windows, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    # direct: retain the output of one layer, backprop the summed NLL
+    name = structure.targets[1][2]
+    out = {}
+    handle = dict(model.named_modules())[name].register_forward_hook(lambda m, a, o: out.setdefault("y", o))
+    logits = model(input_ids=windows, use_cache=False).logits
+    handle.remove()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1),
+                                            reduction="sum")
+    (grad,) = torch.autograd.grad(nll, out["y"])
+    tokens = windows.numel()
+    assert sens[name].grad_sq == pytest.approx(float(grad.double().square().sum()) / tokens, rel=1e-4)
+    assert sens[name].out_sq == pytest.approx(float(out["y"].detach().double().square().sum()) / tokens, rel=1e-5)
+    assert sens[name].sensitivity > 0
+
+
+def test_fisher_cost_allocates_with_sensitivities_and_asks_for_them_otherwise(calib_file, tmp_path):
+    model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
+    result = compress(model, tok, _config(calib_file, cost="fisher", sensitivity_samples=2),
+                      cache_dir=tmp_path / "cache", progress=False)
+    assert result.allocation.cost == "fisher" and result.allocation.achieved_removed_ratio >= 0.3
+    assert all(hasattr(p, "sensitivity") for p in result.profiles)
+    stripped = [copy.copy(p) for p in result.profiles]
+    for p in stripped:
+        del p.sensitivity
+    with pytest.raises(ValueError, match="sensitivities"):
+        allocate(stripped, 0.3, "fisher")
+    attach_sensitivities(stripped, {p.name: type("S", (), {"sensitivity": 1.0})() for p in stripped})
+    assert allocate(stripped, 0.3, "fisher").achieved_removed_ratio >= 0.3
+
+
+def test_config_and_cli_flags():
+    with pytest.raises(ConfigError, match="sequential"):
+        RocketConfig(upstream_correction=True)
+    with pytest.raises(ConfigError, match="refine_iters"):
+        RocketConfig(refine_iters=-1)
+    from rocketlm.cli import _config_from_args, build_parser
+    args = build_parser().parse_args(["compress", "m", "--ratio", "0.5", "--out", "x", "--sequential",
+                                      "--upstream-correction", "--refine-iters", "3", "--cost", "fisher",
+                                      "--sensitivity-samples", "4"])
+    config = _config_from_args(args)
+    assert (config.sequential, config.upstream_correction, config.refine_iters, config.cost,
+            config.sensitivity_samples) == (True, True, 3, "fisher", 4)
+    args = build_parser().parse_args(["compress", "m", "--ratio", "0.5", "--out", "x", "--no-sequential"])
+    assert _config_from_args(args).sequential is False
