@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from rocketlm.factorization.sparse_dictionary import (candidate_shape, direct_errors, factorize_candidate,
-                                                      kept_bytes, kept_values, layer_basis, whitening_factor)
+from rocketlm.factorization.sparse_dictionary import (_selected_T, candidate_shape, direct_errors,
+                                                      factorize_candidate, factorize_next, kept_bytes, kept_values,
+                                                      layer_basis, whitening_factor)
 
 
 def _layer(d_in, d_out, n=None, seed=0):
@@ -159,7 +160,7 @@ def test_ridge_refit_errors_equal_direct_formulas(ridge_rel):
 
 
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
-def test_badly_conditioned_layer_uses_the_svd_and_stays_exact(shape):
+def test_badly_conditioned_layer_stays_exact(shape):
     W, A = _layer(*shape, seed=9)
     U, sig, Vt = torch.linalg.svd(W, full_matrices=False)
     sig[-3:] = sig[0] * torch.tensor([1e-7, 1e-8, 1e-9], dtype=torch.float64)  # condition ~1e9
@@ -171,3 +172,55 @@ def test_badly_conditioned_layer_uses_the_svd_and_stays_exact(shape):
     assert torch.allclose(fact.U @ fact.V, W, atol=1e-8)
     for k, s in [(r - 4, r - 4), (r // 2, r // 4)]:
         _assert_errors_are_direct(W, S, factorize_candidate(basis, k, s, with_factors=True), tol=1e-7)
+
+
+def test_selection_is_the_top_s_by_importance_with_ties_to_the_lower_atom():
+    W, A = _layer(40, 64, seed=10)
+    basis = layer_basis(W, whitening_factor(A), dtype=torch.float64)
+    basis.Bt[:, 3] = basis.Bt[:, 5] * basis.atom_weight[5] / basis.atom_weight[3]  # exact importance ties
+    from rocketlm.factorization.sparse_dictionary import _importance_order
+    basis.order, basis.position = _importance_order(basis.Bt, basis.atom_weight)
+    importance = basis.Bt.abs() * basis.atom_weight  # d_out x r
+    for k, s in [(40, 7), (23, 11), (12, 1), (30, 29)]:
+        expected = torch.zeros(64, k, dtype=torch.bool)
+        ranked = importance[:, :k].argsort(dim=1, descending=True, stable=True)[:, :s]
+        expected.scatter_(1, ranked, True)
+        assert torch.equal(_selected_T(basis, k, s), expected), (k, s)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("shape", [(48, 96), (96, 48)])
+def test_incremental_candidates_equal_the_direct_computation(shape, dtype, tol):
+    W, A = _layer(*shape, seed=11)
+    basis = layer_basis(W, whitening_factor(A), dtype=dtype)
+    exact = layer_basis(W, whitening_factor(A), dtype=torch.float64)
+    for ks in (1.0, 1.5, 2.0, 3.0):
+        state = None
+        # removed up and down again: k shrinks and grows, small steps go incremental, big ones dense
+        for removed in (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.45, 0.7, 0.1):
+            k, s = candidate_shape(*shape, removed, ks)
+            if k > basis.rank:
+                continue
+            fact, state = factorize_next(basis, k, s, state)
+            ref = factorize_candidate(exact, k, s)
+            assert fact.error_weight == pytest.approx(ref.error_weight, abs=tol)
+            assert fact.error_output == pytest.approx(ref.error_output, abs=tol)
+
+
+def test_float32_errors_stay_within_1e4_of_float64_even_when_small():
+    # a nearly low-rank layer: errors of 1e-3 .. 1e-1, where float32 cancellation would show
+    W, A = _layer(96, 160, seed=12)
+    U, sig, Vt = torch.linalg.svd(W, full_matrices=False)
+    W = U @ torch.diag(sig * torch.logspace(0, -4, sig.numel(), dtype=torch.float64)) @ Vt
+    b32 = layer_basis(W, whitening_factor(A), dtype=torch.float32)
+    b64 = layer_basis(W, whitening_factor(A), dtype=torch.float64)
+    smallest = 1.0
+    for removed in (0.05, 0.2, 0.4, 0.6):
+        for ks in (1.2, 1.5, 2.0, 3.0):
+            k, s = candidate_shape(96, 160, removed, ks)
+            if k > 96:
+                continue
+            f32, f64 = factorize_candidate(b32, k, s), factorize_candidate(b64, k, s)
+            smallest = min(smallest, f64.error_output)
+            assert abs(f32.error_output - f64.error_output) < 1e-4 and abs(f32.error_weight - f64.error_weight) < 1e-4
+    assert smallest < 0.02  # the float64 refinement path was exercised

@@ -8,20 +8,26 @@ nonzeros per coefficient column; ``W_hat = U V`` with ``U = S^-1 D`` and ``V = C
 The same function, :func:`factorize_candidate`, serves profiling and final compression,
 so the error that drives the allocation is the error of the factors that ship.
 
-Work shared by all candidates of a layer (one whitening, one SVD) lives in
-:class:`LayerBasis`. With the thin SVD ``M = Q B`` (``Q`` orthonormal ``d_in x r``,
-``B = Sigma V^T``), the basis of ROCKET.md 3.1 is ``Q[:, :k]`` and ``C = Q_k^T M = B[:k]``.
-Every quantity of a candidate is computed in these ``r``-dimensional coordinates:
-``D = Q F`` with ``F = B C^T (C C^T + r I)^-1``; the whitened residual is ``Q (B - F C)``
-and the weight residual ``S^-1 Q (B - F C)``. A candidate costs two GEMMs over ``d_out``
-(``C C^T`` and ``B C^T``), one ``k x k`` Cholesky factorization, one triangular solve and one
-``k x r x r`` product.
+Work shared by all candidates of a layer (one whitening, one eigendecomposition of the Gram of
+``M`` and one of the weight metric) lives in :class:`LayerBasis`. With ``M = Q B`` (``Q``
+orthonormal ``d_in x r``, ``B = Q^T M`` with orthogonal rows), the basis of ROCKET.md 3.1 is
+``Q[:, :k]`` and ``C = Q_k^T M = B[:k]`` (masked). The refit ``D = Q F`` with
+``F = B C^T (C C^T)^-1`` projects the rows of ``B`` onto the row space of ``C``, so both errors
+are energies left outside that projection: ``||M - M_hat||^2 = ||B||^2 - ||Y||^2`` and
+``||W - W_hat||^2 = ||W||^2 - tr(Y H Y^T)`` with ``Y = L^-1 (B C^T)^T``, ``L L^T = C C^T`` and the
+weight metric ``H = (S^-1 Q)^T (S^-1 Q)``. With ``H = R diag(h) R^T`` (``R`` orthogonal, once per
+layer) and ``B_rot = R^T B``, ``Y R = L^-1 (B_rot C^T)^T`` gives both as column sums of squares:
+``tr(Y H Y^T) = sum_j h_j ||(Y R)_j||^2``. A candidate costs two GEMMs over ``d_out``
+(``C C^T``, computed as a block upper triangle, and ``B_rot C^T``), one ``k x k`` Cholesky
+factorization and one triangular solve with ``r`` right-hand sides.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from rocketlm.errors import WhiteningError  # noqa: F401  (re-exported)
 
@@ -71,31 +77,53 @@ def whitening_factor(A: torch.Tensor, eps: float = 7e-6) -> torch.Tensor:
 class LayerBasis:
     """Per-layer work shared by every candidate.
 
-    Attributes (shapes): ``W`` d_in x d_out, ``B`` r x d_out (``Sigma V^T``, rows orthogonal),
-    ``SinvQ`` d_in x r (``S^-1 Q``, maps coordinates back to the original space), ``H`` r x r
-    (``SinvQ^T SinvQ``, metric of the weight error), ``atom_weight`` r (``||S^-1 q_i||^power``, the
-    importance factor of each atom), ``row_sq`` r (float64 ``||b_i||^2`` = ``sigma_i^2``),
-    ``order`` d_out x r (per column of ``B``, the atoms by decreasing importance
-    ``|B_ij| * atom_weight_i``; sorted once, every candidate's mask is read from it).
+    Attributes (shapes): ``Bt`` d_out x r (``B^T``; ``B = Q^T M``, rows = atoms, orthogonal),
+    ``B_rotT`` d_out x r (``(R^T B)^T``: the rows of ``B`` in the eigenbasis ``R`` of the weight metric
+    ``H``), ``h_eig`` r (float64 eigenvalues of ``H``), ``R`` r x r, ``SinvQ`` d_in x r (``S^-1 Q``,
+    maps coordinates back to the original space), ``h_diag`` r (float64 ``H_ii = ||S^-1 q_i||^2``),
+    ``atom_weight`` r (``||S^-1 q_i||^power``, the importance factor of each atom), ``row_sq`` r
+    (float64 ``||b_i||^2`` = ``sigma_i^2``), ``order`` d_out x r' (per column of ``B``, the atoms by
+    decreasing importance ``|B_ij| * atom_weight_i``, padded with ``r`` to a multiple of
+    :data:`_SELECT_BLOCK`), ``position`` d_out x r (int32, where each atom stands in its column's
+    ``order``). Every candidate's mask is read from one sort. ``Bt64`` and ``B_rotT64`` are the float64
+    originals of ``Bt`` and ``B_rotT`` (the same tensors when the profile dtype is float64).
     """
 
-    W: torch.Tensor
-    B: torch.Tensor
+    Bt: torch.Tensor
+    B_rotT: torch.Tensor
+    Bt64: torch.Tensor
+    B_rotT64: torch.Tensor
+    h_eig: torch.Tensor
+    R: torch.Tensor
     SinvQ: torch.Tensor
-    H: torch.Tensor
+    h_diag: torch.Tensor
     atom_weight: torch.Tensor
     row_sq: torch.Tensor
     order: torch.Tensor
+    position: torch.Tensor
     norm_W: float
     norm_M: float
 
     @property
+    def B(self) -> torch.Tensor:
+        """``r x d_out`` coefficients (a view of ``Bt``)."""
+        return self.Bt.T
+
+    @property
     def rank(self) -> int:
-        return self.B.shape[0]
+        return self.Bt.shape[1]
 
 
-# Above this condition number of M the Gram-eigenvector route loses accuracy: use the SVD instead.
+# Above this condition number of M, Q = M V / sigma (the d_in > d_out route) is not orthonormal to
+# working precision (its columns' inner products err by about eps * condition^2): Q is then
+# re-orthonormalised by a QR factorization instead.
 _EIGH_MAX_CONDITION = 1e5
+# Width of the position blocks the column selection counts in (see _selected_T).
+_SELECT_BLOCK = 32
+# The two float32 GEMMs of a candidate round its captured energy by up to about 1e-6 of ||M||^2
+# (||W||^2), which moves an error e by about 1e-6 / (2 e): candidates whose float32 error is below
+# this are recomputed with float64 GEMMs, so every profiled error stays within about 2.5e-5 of float64.
+_REFINE_BELOW = 0.02
 
 
 def _descending_eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,45 +133,75 @@ def _descending_eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _whitened_svd(M: torch.Tensor, W: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, SinvQ)`` of the thin SVD ``M = Q diag(sigma) V^T`` (float64, largest first):
-    ``B = diag(sigma) V^T`` and ``SinvQ = S^-1 Q``.
+    """``(B, SinvQ)`` with ``M = Q B``, ``Q`` (d_in x r) orthonormal spanning the top singular
+    directions of ``M`` in order, ``B = Q^T M`` (rows orthogonal) and ``SinvQ = S^-1 Q`` (float64).
 
-    Computed from the eigendecomposition of the smaller Gram of ``M`` (``M M^T`` or ``M^T M``;
-    ROCKET.md 3.1: "equivalently eigenvectors of M M^T"), about 3x faster than an SVD on CPU.
-    ``B = Q^T M`` is formed from ``Q`` itself, so ``M = Q B`` holds to rounding. A badly
-    conditioned ``M`` falls back to ``torch.linalg.svd``.
+    From the eigendecomposition of the smaller Gram of ``M`` (ROCKET.md 3.1: "equivalently
+    eigenvectors of M M^T"), about 3x faster than an SVD on CPU:
+
+    * ``d_in <= d_out``: ``Q`` = eigenvectors of ``M M^T``, orthonormal to rounding whatever the
+      conditioning, and ``B = Q^T M`` is formed from ``Q`` itself, so ``M = Q B`` holds to rounding;
+    * ``d_in > d_out``: with ``M^T M = V diag(sigma^2) V^T``, ``Q = M V / sigma``, ``B = diag(sigma) V^T``
+      and ``S^-1 Q = W V / sigma`` (no triangular solve). When ``M`` is badly conditioned, ``Q`` is
+      re-orthonormalised: ``M V = Q T`` (QR, ``T`` upper triangular), ``B = T V^T``, ``S^-1 Q = W V T^-1``.
     """
     d_in, d_out = M.shape
     if d_in <= d_out:
-        sigma, Q = _descending_eigh(M @ M.T)
-        if sigma[-1] * _EIGH_MAX_CONDITION > sigma[0]:
-            return Q.T @ M, torch.linalg.solve_triangular(S, Q, upper=True)
-    else:
-        sigma, V = _descending_eigh(M.T @ M)
-        if sigma[-1] * _EIGH_MAX_CONDITION > sigma[0]:
-            # Q = M V / sigma, so S^-1 Q = W V / sigma: no triangular solve needed
-            return sigma[:, None] * V.T, (W @ V) / sigma
-    Q, sigma, Vt = torch.linalg.svd(M, full_matrices=False)
-    return sigma[:, None] * Vt, torch.linalg.solve_triangular(S, Q, upper=True)
+        _, Q = _descending_eigh(M @ M.T)
+        return Q.T @ M, torch.linalg.solve_triangular(S, Q, upper=True)
+    sigma, V = _descending_eigh(M.T @ M)
+    if sigma[-1] * _EIGH_MAX_CONDITION > sigma[0]:
+        return sigma[:, None] * V.T, (W @ V) / sigma
+    T = torch.linalg.qr(M @ V, mode="r").R
+    return T @ V.T, torch.linalg.solve_triangular(T, W @ V, upper=True, left=False)
 
 
 def layer_basis(W: torch.Tensor, S: torch.Tensor, importance_power: float = 0.5,
                 dtype: torch.dtype = torch.float32) -> LayerBasis:
-    """Whitened SVD of one layer. ``W``: d_in x d_out; ``S``: upper whitening factor (float64)."""
+    """Whitened basis of one layer. ``W``: d_in x d_out; ``S``: upper whitening factor (float64)."""
     W64 = W.to(torch.float64)
     M = S @ W64
     B, SinvQ = _whitened_svd(M, W64, S)
     H = SinvQ.T @ SinvQ
+    h_eig, R = torch.linalg.eigh(H)
     atom_weight = (SinvQ.norm(dim=0) ** importance_power).to(dtype)
-    row_sq = B.square().sum(dim=1)
-    B = B.to(dtype)
-    importance_T = B.T.abs() * atom_weight  # d_out x r
+    Bt64 = B.T.contiguous()
+    B_rotT64 = Bt64 @ R
+    Bt = Bt64.to(dtype)
+    order, position = _importance_order(Bt, atom_weight)
     return LayerBasis(
-        W=W64.to(dtype), B=B, SinvQ=SinvQ.to(dtype), H=H.to(dtype),
-        atom_weight=atom_weight, row_sq=row_sq,
-        order=importance_T.argsort(dim=1, descending=True, stable=True),
-        norm_W=float(W64.norm()), norm_M=float(M.norm()),
+        Bt=Bt, B_rotT=B_rotT64.to(dtype), Bt64=Bt64, B_rotT64=B_rotT64, h_eig=h_eig.clamp_min(0), R=R.to(dtype),
+        SinvQ=SinvQ.to(dtype),
+        h_diag=H.diagonal().clone(), atom_weight=atom_weight, row_sq=B.square().sum(dim=1),
+        order=order, position=position, norm_W=float(W64.norm()), norm_M=float(M.norm()),
     )
+
+
+def _importance_order(Bt: torch.Tensor, atom_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of ``B`` (row of ``Bt``), the atoms by decreasing ``|B_ij| * atom_weight_i`` (ties: lower
+    atom first; int32, padded with ``r`` to a multiple of :data:`_SELECT_BLOCK`) and each atom's position."""
+    d_out, r = Bt.shape
+    order = _descending_order(Bt.abs() * atom_weight).to(torch.int32)
+    position = torch.empty_like(order)
+    position.scatter_(1, order.long(), torch.arange(r, dtype=torch.int32, device=Bt.device).expand(d_out, r))
+    pad = -r % _SELECT_BLOCK
+    if pad:
+        order = torch.cat([order, order.new_full((d_out, pad), r)], dim=1)
+    return order, position
+
+
+def _descending_order(values: torch.Tensor) -> torch.Tensor:
+    """Row-wise argsort by decreasing value, ties to the lower index (a stable sort). On CPU, numpy's
+    quicksort (3x faster than a stable sort here), with the rows that hold a tie sorted again stably."""
+    if values.device.type != "cpu":
+        return values.argsort(dim=1, descending=True, stable=True)
+    neg = (-values).numpy()
+    order = np.argsort(neg, axis=1)
+    ranked = np.take_along_axis(neg, order, axis=1)
+    tied = np.flatnonzero((ranked[:, 1:] == ranked[:, :-1]).any(axis=1))
+    if tied.size:
+        order[tied] = np.argsort(neg[tied], axis=1, kind="stable")
+    return torch.from_numpy(order)
 
 
 @dataclass
@@ -178,24 +236,130 @@ def factorize_candidate(basis: LayerBasis, k: int, s: int, ridge_rel: float = 0.
         raise ValueError(f"invalid candidate k={k}, s={s} for a layer of rank {basis.rank}")
     if s >= k and ridge_rel == 0.0:
         tail = basis.row_sq[k:]
-        err_o2 = float(tail.sum())
-        err_w2 = float((basis.H.diagonal()[k:].to(torch.float64) * tail).sum())
-        result = _result(basis, k, s, err_w2, err_o2)
+        result = _result(basis, k, s, float((basis.h_diag[k:] * tail).sum()), float(tail.sum()))
         if with_factors:
             result.U = basis.SinvQ[:, :k].clone()
             result.V = basis.B[:k].clone()
             result.mask = torch.ones_like(result.V, dtype=torch.bool)
         return result
-    C = basis.B[:k] * _column_mask(basis, k, s)
-    G0 = C @ C.T  # k x k
-    P = basis.B @ C.T  # r x k
-    err_w2, err_o2, F = _refit_errors(basis, P, G0, ridge_rel, with_factors)
+    kept_T = _selected_T(basis, k, s)
+    CT = basis.Bt[:, :k] * kept_T  # d_out x k: C^T
+    err_w2, err_o2, F_rot = _refit_errors(basis, _products(basis.B_rotT, CT), ridge_rel, with_factors)
     result = _result(basis, k, s, err_w2, err_o2)
+    if CT.dtype != torch.float64 and min(result.error_weight, result.error_output) < _REFINE_BELOW:
+        CT64 = basis.Bt64[:, :k] * kept_T
+        err_w2, err_o2, F_rot = _refit_errors(basis, _products(basis.B_rotT64, CT64), ridge_rel, with_factors)
+        result = _result(basis, k, s, err_w2, err_o2)
     if with_factors:
-        result.U = basis.SinvQ @ F
-        result.V = C
-        result.mask = C != 0
+        result.U = basis.SinvQ @ (basis.R @ F_rot.to(basis.R.dtype))
+        result.V = CT.T.contiguous()
+        result.mask = kept_T.T.contiguous()
     return result
+
+
+@dataclass
+class ProductState:
+    """The products of the candidate last evaluated along a sequence (for profiling: one ks over increasing
+    removed ratios): ``k``, the selection thresholds ``thr`` (d_out x 1, see :func:`_thresholds`), ``CT``
+    (``C^T``, d_out x k), ``P = B_rot C^T`` (r x k) and ``G0 = C C^T`` (k x k), all in the profile dtype (the
+    sparse updates are a few percent of the products, so their rounding stays below the first candidate's)."""
+
+    k: int
+    thr: torch.Tensor
+    CT: torch.Tensor
+    P: torch.Tensor
+    G0: torch.Tensor
+
+
+# A candidate is reached incrementally from the previous one when the entries of C that change are at most
+# this share of C: sparse products cost several times a dense GEMM per multiply-add on CPU. Along one ks,
+# consecutive removed ratios (step 0.05) change 1-2% of the entries on SmolLM2.
+_INCREMENTAL_MAX_SHARE = 0.1
+
+
+def factorize_next(basis: LayerBasis, k: int, s: int, state: ProductState | None,
+                   ridge_rel: float = 0.0) -> tuple[Factorization, ProductState | None]:
+    """Both errors of candidate ``(k, s)`` (as :func:`factorize_candidate` computes them, without the
+    factors), reusing the products of the previous candidate ``state`` (consumed) when few entries of ``C``
+    differ: with ``C_new = C_old + Delta`` (``Delta`` sparse), ``C_new C_new^T = C_old C_old^T +
+    Delta C_old^T + C_new Delta^T`` and ``B_rot C_new^T = B_rot C_old^T + B_rot Delta^T`` cost two sparse
+    products each instead of the dense GEMMs. Returns the errors and the state for the next candidate.
+    """
+    if not 1 <= s <= k <= basis.rank:
+        raise ValueError(f"invalid candidate k={k}, s={s} for a layer of rank {basis.rank}")
+    if s >= k and ridge_rel == 0.0:
+        return factorize_candidate(basis, k, s), state
+    thr = _thresholds(basis, k, s)
+    delta = None if state is None else _delta_entries(basis, state, k, thr)
+    if delta is None or delta[0].numel() > _INCREMENTAL_MAX_SHARE * k * thr.shape[0]:
+        CT = basis.Bt[:, :k] * (basis.position[:, :k] <= thr)
+        state = ProductState(k, thr, CT, *_products(basis.B_rotT, CT))
+    else:
+        state = _step_products(basis, state, k, thr, delta)
+    result = _result(basis, k, s, *_refit_errors(basis, (state.P, state.G0), ridge_rel, False)[:2])
+    if state.CT.dtype != torch.float64 and min(result.error_weight, result.error_output) < _REFINE_BELOW:
+        P, G0 = _products(basis.B_rotT64, basis.Bt64[:, :k] * (basis.position[:, :k] <= thr))
+        result = _result(basis, k, s, *_refit_errors(basis, (P, G0), ridge_rel, False)[:2])
+    return result, state
+
+
+def _delta_entries(basis: LayerBasis, state: ProductState, k: int,
+                   thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(atoms, columns, signs)`` of the entries of ``C`` (atoms below ``k``) that differ between the state's
+    candidate and the one with thresholds ``thr``: +1 where the new one keeps an entry the old did not, -1
+    where it drops one. An atom below both ``k`` changes exactly where its position lies between the two
+    thresholds; an atom new to the dictionary enters wherever its position is at most the new threshold."""
+    order, device = basis.order, thr.device
+    low, high = torch.minimum(state.thr, thr), torch.maximum(state.thr, thr)
+    width = int((high - low).max())
+    atoms, cols, signs = [], [], []
+    if width:
+        pos = low + torch.arange(1, width + 1, dtype=low.dtype, device=device)  # d_out x width
+        at = order.gather(1, pos.clamp_max(order.shape[1] - 1).long())
+        col, j = ((pos <= high) & (at < min(state.k, k))).nonzero(as_tuple=True)
+        atoms.append(at[col, j].long())
+        cols.append(col)
+        signs.append(torch.where(thr[col, 0] > state.thr[col, 0], 1.0, -1.0))
+    if k > state.k:
+        col, j = (basis.position[:, state.k:k] <= thr).nonzero(as_tuple=True)
+        atoms.append(j + state.k)
+        cols.append(col)
+        signs.append(torch.ones(col.numel(), device=device))
+    if not atoms:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty, torch.zeros(0, device=device)
+    return torch.cat(atoms), torch.cat(cols), torch.cat(signs)
+
+
+def _step_products(basis: LayerBasis, state: ProductState, k: int, thr: torch.Tensor,
+                   delta: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> ProductState:
+    """The state of the candidate ``(k, thr)`` from the previous ``state`` and the changed entries ``delta``.
+
+    ``C_new C_new^T - C_old C_old^T = X + X^T`` with ``X = Delta (C_old + Delta / 2)^T``: one sparse product
+    for ``C C^T`` and one for ``B_rot C^T``, each costing (changed entries) x (k or r) multiply-adds."""
+    atoms, cols, signs = delta
+    d_out, k_old = state.CT.shape
+    if k <= k_old:
+        CT, PT, G0 = state.CT[:, :k].contiguous(), state.P.T[:k], state.G0[:k, :k]
+    else:
+        CT = torch.cat([state.CT, state.CT.new_zeros(d_out, k - k_old)], dim=1)
+        PT = torch.cat([state.P.T, state.P.new_zeros(k - k_old, state.P.shape[0])])
+        G0 = state.G0.new_zeros(k, k)
+        G0[:k_old, :k_old] = state.G0
+    keys = (atoms * d_out + cols).cpu().numpy()  # unique: sorting them puts the CSR rows (atoms) in order
+    by_atom = torch.from_numpy(np.argsort(keys)).to(atoms.device)
+    atoms, cols = atoms[by_atom], cols[by_atom]
+    values = signs[by_atom].to(CT.dtype) * basis.Bt[cols, atoms]
+    crow = torch.zeros(k + 1, dtype=torch.long, device=CT.device)
+    crow[1:] = torch.bincount(atoms, minlength=k).cumsum(0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        D = torch.sparse_csr_tensor(crow, cols, values, (k, d_out), check_invariants=False)  # Delta, k x d_out
+    half = 0.5 * values
+    CT.index_put_((cols, atoms), half, accumulate=True)  # C_old + Delta / 2
+    X = torch.sparse.mm(D, CT)
+    CT.index_put_((cols, atoms), half, accumulate=True)  # C_new
+    return ProductState(k, thr, CT, (PT + torch.sparse.mm(D, basis.B_rotT)).T, G0 + X + X.T)
 
 
 def _result(basis: LayerBasis, k: int, s: int, err_w2: float, err_o2: float) -> Factorization:
@@ -203,66 +367,85 @@ def _result(basis: LayerBasis, k: int, s: int, err_w2: float, err_o2: float) -> 
                          error_output=math.sqrt(max(err_o2, 0.0)) / basis.norm_M)
 
 
-def _column_mask(basis: LayerBasis, k: int, s: int) -> torch.Tensor:
-    """k x d_out boolean mask: in every column, the ``s`` atoms of largest ``|C_ij| * atom_weight_i``.
-
-    Read from the per-layer sort: in each column, the first ``s`` atoms of ``order`` below ``k``
-    (ties go to the lower atom index).
-    """
+def _selected_T(basis: LayerBasis, k: int, s: int) -> torch.Tensor:
+    """d_out x k boolean mask (``C^T``'s kept entries): in every column, the ``s`` atoms below ``k`` that
+    come first in ``order`` (largest ``|C_ij| * atom_weight_i``; ties go to the lower atom index)."""
     if s >= k:
-        return torch.ones(k, basis.B.shape[1], dtype=torch.bool, device=basis.B.device)
-    in_dictionary = basis.order < k
-    chosen = in_dictionary & (in_dictionary.cumsum(dim=1, dtype=torch.int32) <= s)
-    mask_T = torch.zeros(basis.order.shape, dtype=torch.bool, device=basis.B.device)
-    mask_T.scatter_(1, basis.order, chosen)
-    return mask_T[:, :k].T
+        return torch.ones(basis.Bt.shape[0], k, dtype=torch.bool, device=basis.Bt.device)
+    return basis.position[:, :k] <= _thresholds(basis, k, s)
 
 
-def _dot(X: torch.Tensor, Y: torch.Tensor) -> float:
-    """Frobenius inner product accumulated in float64."""
-    return float((X.to(torch.float64) * Y.to(torch.float64)).sum())
+def _thresholds(basis: LayerBasis, k: int, s: int) -> torch.Tensor:
+    """d_out x 1: per column, the position in ``order`` of the s-th atom below ``k`` (the kept atoms are
+    those below ``k`` at or before it).
 
-
-def _refit_errors(basis: LayerBasis, P: torch.Tensor, G0: torch.Tensor, ridge_rel: float,
-                  with_factors: bool) -> tuple[float, float, torch.Tensor | None]:
-    """Squared errors ``(||W - W_hat||^2, ||M - M_hat||^2)`` of the refit ``F = P (G0 + r I)^-1``,
-    and ``F`` (``r x k``, the profile dtype) when ``with_factors``.
-
-    Solved in float64 with ``r = ridge_rel * mean(diag(G0))``. An atom that kept no entry has a
-    zero row in ``C``: its column of ``F`` is set to 0 (it multiplies nothing), which keeps ``G0``
-    definite. If ``G0 + r I`` is still singular, ``r`` grows from ``1e-9 * mean(diag)``.
-
-    With ``G = G0 + r I = L L^T`` and ``Y = L^-1 P^T`` (one triangular solve), ``F = Y^T L^-1``
-    and ``F G0 = P - r F`` give ``||B - F C||^2 = ||B||^2 - ||Y||^2 - r ||F||^2`` and
-    ``tr(R^T H R) = ||W||^2 - tr(Y H Y^T) - r <H F, F>``; the ridge terms need ``F`` itself.
+    Found by counting atoms below ``k`` per block of :data:`_SELECT_BLOCK` positions, then inside the
+    one block that holds it: linear in the layer's size, no per-candidate sort.
     """
-    G = G0.to(torch.float64)
-    P64 = P.to(torch.float64)
-    inactive = G.diagonal() == 0
-    if bool(inactive.any()):
-        G = G.clone()
-        G.diagonal()[inactive] = 1.0
-        P64 = P64.clone()
-        P64[:, inactive] = 0.0
-    scale = float(G0.diagonal().to(torch.float64).mean()) or 1.0
-    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    order = basis.order
+    d_out, width = order.shape
+    counts = (order < k).view(d_out, width // _SELECT_BLOCK, _SELECT_BLOCK).sum(dim=2, dtype=torch.int32)
+    cum = counts.cumsum(dim=1, dtype=torch.int32)
+    block = (cum < s).sum(dim=1, keepdim=True)  # the block holding the s-th atom below k
+    before = torch.where(block > 0, cum.gather(1, (block - 1).clamp_min(0)), 0)
+    offsets = torch.arange(_SELECT_BLOCK, device=order.device)
+    in_block = order.gather(1, block * _SELECT_BLOCK + offsets) < k
+    inside = (in_block.cumsum(dim=1, dtype=torch.int32) < (s - before)).sum(dim=1, keepdim=True)
+    return (block * _SELECT_BLOCK + inside).to(torch.int32)
+
+
+def _products(B_rotT: torch.Tensor, CT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B_rot C^T, C C^T)`` (r x k, k x k). ``C C^T`` as a 2 x 2 block upper triangle (3/4 of the GEMM
+    work; the lower block is the transpose of the upper one)."""
+    k = CT.shape[1]
+    P = B_rotT.T @ CT
+    h = k // 2
+    G0 = torch.empty(k, k, dtype=CT.dtype, device=CT.device)
+    G0[:h] = CT[:, :h].T @ CT
+    G0[h:, h:] = CT[:, h:].T @ CT[:, h:]
+    G0[h:, :h] = G0[:h, h:].T
+    return P, G0
+
+
+def _refit_errors(basis: LayerBasis, products: tuple[torch.Tensor, torch.Tensor], ridge_rel: float,
+                  with_factors: bool) -> tuple[float, float, torch.Tensor | None]:
+    """Squared errors ``(||W - W_hat||^2, ||M - M_hat||^2)`` of the refit ``F = P (G0 + r I)^-1``, and
+    ``F`` in the eigenbasis of ``H`` (``R^T F``, ``r x k``, the products' dtype) when ``with_factors``.
+
+    ``products = (P, G0) = (B_rot C^T, C C^T)``. Jacobi scaling ``G0 = D G D`` (``D = diag(G0)^1/2``)
+    leaves the projection unchanged and makes ``G`` well conditioned (condition numbers of 3 to 30 on
+    SmolLM2 where ``G0``'s reach 1e9), so ``G + r D^-2 = L L^T`` and the solve ``Y^T = (P D^-1) L^-T``
+    run in the products' dtype. An atom that kept no entry has a zero row in ``C`` and gets
+    ``D_ii = G_ii = 1`` (its column of ``F`` is 0). If ``G`` is still singular, ``r`` grows from
+    ``1e-9 * mean(diag(G0))``.
+
+    ``F G0 = P - r F`` gives ``||B - F C||^2 = ||B||^2 - ||Y||^2 - r ||F||^2`` and
+    ``tr(R^T H R) = ||W||^2 - sum_j h_j ||Y_j||^2 - r sum_j h_j ||F_j||^2`` (``Y_j``, ``F_j``: the rows
+    of ``Y^T`` and ``F`` for eigenvector ``j`` of ``H``); the ridge terms need ``F`` itself.
+    """
+    P, G0 = products
+    d2 = G0.diagonal().to(torch.float64)
+    scale = float(d2.mean()) or 1.0
+    d = torch.where(d2 > 0, d2, 1.0).sqrt()
+    inv_d = (1.0 / d).to(P.dtype)
+    G = G0 * inv_d[:, None] * inv_d[None, :]
+    G.diagonal()[d2 == 0] = 1.0
     ridge = ridge_rel * scale
-    L, info = torch.linalg.cholesky_ex(G + ridge * eye if ridge else G)
+    L, info = torch.linalg.cholesky_ex(G + torch.diag((ridge / d.square()).to(G.dtype)) if ridge else G)
     while info.item() != 0:
         ridge = max(ridge * 10.0, 1e-9 * scale)
-        L, info = torch.linalg.cholesky_ex(G + ridge * eye)
-    Y = torch.linalg.solve_triangular(L, P64.T, upper=False)  # k x r
-    YH = Y.to(basis.H.dtype) @ basis.H
-    err_o2 = basis.norm_M ** 2 - float(Y.square().sum())
-    err_w2 = basis.norm_W ** 2 - _dot(YH, Y)
+        L, info = torch.linalg.cholesky_ex(G + torch.diag((ridge / d.square()).to(G.dtype)))
+    Yt = torch.linalg.solve_triangular(L.T, P * inv_d, upper=True, left=False)  # r x k
+    energy = torch.linalg.vector_norm(Yt, dim=1, dtype=torch.float64).square()
+    err_o2 = basis.norm_M ** 2 - float(energy.sum())
+    err_w2 = basis.norm_W ** 2 - float(basis.h_eig @ energy)
     F = None
     if with_factors or ridge:
-        F = torch.linalg.solve_triangular(L.T, Y, upper=True).T  # r x k
+        F = torch.linalg.solve_triangular(L, Yt, upper=False, left=False) * inv_d  # r x k
         if ridge:
-            HF = basis.H @ F.to(basis.H.dtype)
-            err_o2 -= ridge * float(F.square().sum())
-            err_w2 -= ridge * _dot(HF, F)
-        F = F.to(P.dtype)
+            f_energy = torch.linalg.vector_norm(F, dim=1, dtype=torch.float64).square()
+            err_o2 -= ridge * float(f_energy.sum())
+            err_w2 -= ridge * float(basis.h_eig @ f_energy)
     return err_w2, err_o2, F
 
 
