@@ -1,5 +1,9 @@
 """Block-by-block forward over calibration windows, accumulating float64 input Grams.
 
+Each batch's ``X^T X`` is one float32 GEMM (float64 when the model runs in float64), added into a
+float64 accumulator, as the GPTQ family does: the rounding of one batch's sum (a few thousand tokens)
+stays near float32's 6e-8 relative, and the sum over batches is exact to float64.
+
 Only one block's activations are alive at a time: the hidden states entering block ``b``
 for every batch are kept (on the calibration device), block ``b`` runs on them with
 forward pre-hooks on its target linears, and its outputs become block ``b + 1``'s inputs.
@@ -69,7 +73,7 @@ class GramAccumulator:
         if not torch.isfinite(X).all():
             raise CalibrationError(f"non-finite (NaN/Inf) activation at the input of {name}; "
                                    "the model overflows in this dtype: try --dtype float32")
-        X = X.to(torch.float64)
+        X = X.to(gram_work_dtype(X.dtype))
         if group not in self.result.grams:
             self.result.grams[group] = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
         add_gram_(self.result.grams[group], X)
@@ -159,8 +163,16 @@ def iterate_block_grams(model: nn.Module, structure: DecoderStructure, windows: 
         yield b, (accumulator.result if accumulator is not None else None)
 
 
+def gram_work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype one batch's Gram GEMM runs in: float64 for float64 activations, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def add_gram_(G: torch.Tensor, X: torch.Tensor, block: int = 384) -> torch.Tensor:
     """``G += X^T X`` computing only the block upper triangle (the lower one is its transpose).
+
+    The products run in ``X``'s dtype and are added into ``G`` in ``G``'s dtype (float32 GEMMs into a
+    float64 accumulator for calibration).
 
     With ``n`` column blocks this is ``(n + 1) / (2 n)`` of the GEMM work (62.5% for SmolLM2's
     1536-wide down_proj input); the result is exactly symmetric.
