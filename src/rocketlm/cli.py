@@ -23,6 +23,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _compress_parser(sub) -> None:
+    from rocketlm.config import KS_SEARCHES
     d = RocketConfig()
     p = sub.add_parser("compress", help="compress a model with ROCKET and save a compact checkpoint",
                        argument_default=None)
@@ -47,6 +48,10 @@ def _compress_parser(sub) -> None:
     p.add_argument("--seed", type=int, help=f"calibration sampling seed (default {d.seed})")
     p.add_argument("--grid", help="candidate grid, e.g. 'removed=0.05:0.70:0.05;ks=1.0:3.0:0.5' (default: the reference grid)")
     p.add_argument("--profile-dtype", choices=("float32", "float64"), help="dtype of the per-candidate algebra")
+    p.add_argument("--ks-search", choices=KS_SEARCHES,
+                   help="auto: per (layer, removed ratio) profile only the ks a descent visits for every cost (the "
+                        "best ks are exact where the error is unimodal in ks, scanned where not); exhaustive: every "
+                        f"candidate of the grid (default {d.ks_search})")
     p.add_argument("--dtype", help="dtype to load the model in (default: the checkpoint's)")
     p.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"), help="dtype of the saved tensors")
     p.add_argument("--cache-dir", help="where Grams and profiles are cached (default: $ROCKETLM_CACHE or ~/.cache/rocketlm)")
@@ -146,7 +151,7 @@ _FLAG_TO_FIELD = {"ratio": "removed_ratio", "cost": "cost", "budget_count": "bud
                   "seed": "seed", "profile_dtype": "profile_dtype", "device": "device", "save_dtype": "save_dtype",
                   "sequential": "sequential", "upstream_correction": "upstream_correction",
                   "refine_iters": "refine_iters", "sensitivity_samples": "sensitivity_samples",
-                  "offload": "offload"}
+                  "offload": "offload", "ks_search": "ks_search"}
 
 
 def _config_from_args(args: argparse.Namespace) -> RocketConfig:

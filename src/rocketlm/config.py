@@ -18,6 +18,7 @@ DEFAULT_KS = tuple(round(1.0 + 0.1 * i, 1) for i in range(21))  # 1.0 .. 3.0
 
 BUDGET_COUNTS = ("values", "bytes", "flops")
 RUNTIMES = ("auto", "factored", "sparse", "merged", "canonical")
+KS_SEARCHES = ("auto", "exhaustive")
 
 
 
@@ -101,6 +102,9 @@ class RocketConfig:
     ridge_rel: float = 0.0  # dictionary refit ridge relative to mean diag(C C^T); a singular C C^T gets >= 1e-9 anyway
     importance_power: float = 0.5  # importance = |C_ij| * ||S^-1 q_i||^power (reference compression step)
     profile_dtype: str = "float32"  # dtype of the per-candidate algebra (whitening and SVD are always float64)
+    ks_search: str = "auto"  # "auto": per (layer, removed ratio) only the candidates a descent over ks visits for
+    # every registered cost (exact best ks where the error is unimodal in ks, a full scan where it is not);
+    # "exhaustive": every candidate of the grid (studies of the candidates, flops-budget Pareto fronts)
     # compression stage (rocketlm.compression.sequential): statistics and target each chosen layer is factored with
     sequential: bool = False  # factor each layer with the Gram of its input in the model compressed so far
     upstream_correction: bool = False  # (needs sequential) fit the dense model's outputs X_d W from compressed inputs
@@ -143,6 +147,8 @@ class RocketConfig:
                               "compressed model's inputs): set sequential=True (--sequential) as well")
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"runtime={self.runtime!r}: choose one of {', '.join(RUNTIMES)}")
+        if self.ks_search not in KS_SEARCHES:
+            raise ConfigError(f"ks_search={self.ks_search!r}: choose one of {', '.join(KS_SEARCHES)}")
         if self.profile_dtype not in ("float32", "float64"):
             raise ConfigError(f"profile_dtype={self.profile_dtype!r}: choose float32 or float64")
         if self.save_dtype not in (None, "float32", "float16", "bfloat16"):

@@ -70,9 +70,13 @@ def targets_fingerprint(model: torch.nn.Module, structure: DecoderStructure) -> 
 
 def run_keys(model_key: str, windows: torch.Tensor, structure: DecoderStructure, config: RocketConfig,
              dtype: torch.dtype) -> RunKeys:
+    from rocketlm.allocation.costs import available_costs
     calib = stable_hash(model_key, windows, list(structure.all_targets))
+    # a ks search keeps, per (layer, removed ratio), the candidates its descent visited for the registered costs;
+    # exhaustive profiles keep the key they always had
+    search = () if config.ks_search == "exhaustive" else (config.ks_search, sorted(available_costs()))
     profile = stable_hash(calib, config.grid.removed_ratios, config.grid.ks, config.whitening_eps,
-                          config.ridge_rel, config.importance_power, config.profile_dtype, str(dtype))
+                          config.ridge_rel, config.importance_power, config.profile_dtype, str(dtype), *search)
     return RunKeys(model_key, calib, profile)
 
 

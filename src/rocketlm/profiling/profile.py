@@ -1,18 +1,30 @@
-"""Profile every candidate of the grid for one layer: sizes and both errors.
+"""Profile the candidates of the grid for one layer: sizes and both errors.
 
-One whitening and one SVD per layer (:func:`layer_basis`), then every (removed ratio, ks)
+One whitening and one basis per layer (:func:`layer_basis`), then every (removed ratio, ks)
 candidate reuses them. Candidates whose dictionary would exceed the layer's rank
 (``k > min(d_in, d_out)``) or that keep no coefficient (``s == 0``) are not valid and skipped.
+
+The allocation only needs, per removed ratio, the ks of smallest cost (``allocation.plan.layer_options``).
+``ks_search="auto"`` therefore evaluates, per removed ratio, only the candidates that a descent over ks
+visits for every registered cost (see :func:`search_ks`); ``"exhaustive"`` evaluates every candidate
+(what studies of the candidates themselves, and the flops budget's Pareto fronts, want).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
+from rocketlm.allocation.costs import available_costs, get_cost
 from rocketlm.config import GridConfig
-from rocketlm.factorization.sparse_dictionary import (candidate_shape, factorize_candidate, kept_bytes,
+from rocketlm.factorization.sparse_dictionary import (ProductState, candidate_shape, factorize_next, kept_bytes,
                                                       kept_values, layer_basis)
+
+# Lookahead of the ks descent, in units of ks: the error over a fine ks grid is a smooth bowl with
+# wiggles of a few grid steps (the floor() in k and s), so the descent looks this far past a rise.
+KS_LOOKAHEAD = 0.2
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,7 @@ class LayerProfile:
     group: str  # the Gram group (layers reading the same input share one)
     candidates: list[Candidate]
     seconds: float = 0.0
+    ks_search: str = "exhaustive"  # "auto": only the candidates the ks descent visited are stored
 
     def best_ks(self, error: str) -> dict[float, float]:
         """Per removed ratio, the ks of smallest ``error`` ("error_weight" or "error_output")."""
@@ -75,17 +88,119 @@ def valid_shapes(d_in: int, d_out: int, grid: GridConfig) -> list[tuple[float, f
 
 def profile_layer(name: str, W: torch.Tensor, S: torch.Tensor, grid: GridConfig, *, group: str,
                   value_bytes: int, ridge_rel: float, importance_power: float,
-                  dtype: torch.dtype) -> LayerProfile:
-    """All candidates of one layer. ``W``: d_in x d_out; ``S``: upper whitening factor (float64)."""
+                  dtype: torch.dtype, ks_search: str = "auto") -> LayerProfile:
+    """The candidates of one layer (all of them, or those the ks search visits). ``W``: d_in x d_out;
+    ``S``: upper whitening factor (float64).
+
+    Candidates are factored along each ks by increasing removed ratio (:func:`factorize_next`: consecutive
+    candidates of one ks share all but a few percent of their coefficients); equal ``(k, s)`` are factored
+    once."""
     d_in, d_out = W.shape
     basis = layer_basis(W, S, importance_power=importance_power, dtype=dtype)
-    candidates = []
-    for removed, ks, k, s in valid_shapes(d_in, d_out, grid):
-        fact = factorize_candidate(basis, k, s, ridge_rel=ridge_rel)
-        candidates.append(Candidate(
-            removed_ratio=removed, ks=ks, k=k, s=s,
-            kept_values=kept_values(d_in, d_out, k, s),
-            kept_bytes=kept_bytes(d_in, d_out, k, s, value_bytes),
-            error_weight=fact.error_weight, error_output=fact.error_output))
-    return LayerProfile(name=name, d_in=d_in, d_out=d_out, dense_values=d_in * d_out,
-                        dense_bytes=d_in * d_out * value_bytes, group=group, candidates=candidates)
+    profile = LayerProfile(name=name, d_in=d_in, d_out=d_out, dense_values=d_in * d_out,
+                           dense_bytes=d_in * d_out * value_bytes, group=group, candidates=[], ks_search=ks_search)
+    evaluate = _evaluator(basis, d_in, d_out, value_bytes, ridge_rel)
+    shapes = valid_shapes(d_in, d_out, grid)
+    if ks_search == "exhaustive":
+        by_ks = {shape: evaluate(shape) for ks in grid.ks for shape in shapes if shape[1] == ks}
+        profile.candidates = [by_ks[shape] for shape in shapes]
+    else:
+        rows = [[shape for shape in shapes if shape[0] == removed] for removed in grid.removed_ratios]
+        profile.candidates = search_ks([row for row in rows if row], evaluate, searchable_costs(profile),
+                                       ks_lookahead(grid), free=lambda shape: shape[3] >= shape[2])
+    return profile
+
+
+def _evaluator(basis, d_in: int, d_out: int, value_bytes: int, ridge_rel: float) -> Callable[[tuple], Candidate]:
+    """``(removed, ks, k, s) -> Candidate``, keeping one :class:`ProductState` per ks (the last removed ratio
+    evaluated there) and the errors of every ``(k, s)`` already factored. States unused for two removed
+    ratios are dropped (memory)."""
+    errors: dict[tuple[int, int], tuple[float, float]] = {}
+    states: dict[float, tuple[float, ProductState | None]] = {}
+
+    def evaluate(shape: tuple[float, float, int, int]) -> Candidate:
+        removed, ks, k, s = shape
+        if (k, s) not in errors:
+            fact, state = factorize_next(basis, k, s, states.get(ks, (None, None))[1], ridge_rel)
+            states[ks] = (removed, state)
+            for other in [o for o, (r, _) in states.items() if r < removed - 0.15]:
+                del states[other]
+            errors[(k, s)] = (fact.error_weight, fact.error_output)
+        return Candidate(removed_ratio=removed, ks=ks, k=k, s=s, kept_values=kept_values(d_in, d_out, k, s),
+                         kept_bytes=kept_bytes(d_in, d_out, k, s, value_bytes),
+                         error_weight=errors[(k, s)][0], error_output=errors[(k, s)][1])
+    return evaluate
+
+
+def searchable_costs(profile: LayerProfile) -> list[Callable[[Candidate], float]]:
+    """Every registered cost that can score ``profile``'s candidates at profiling time, as a function of the
+    candidate. A cost that needs per-layer data measured later (``fisher``: a positive per-layer multiple of
+    the squared output error, so its best ks is the output cost's) is left out."""
+    probe = Candidate(removed_ratio=0.0, ks=1.0, k=1, s=1, kept_values=0, kept_bytes=0, error_weight=0.0,
+                      error_output=0.0)
+    costs = []
+    for name in available_costs():
+        fn = get_cost(name).fn
+        try:
+            fn(profile, probe)
+        except (ValueError, AttributeError, TypeError):
+            continue
+        costs.append(lambda c, fn=fn: fn(profile, c))
+    return costs
+
+
+def ks_lookahead(grid: GridConfig) -> int:
+    """Grid steps the descent looks past a rise: :data:`KS_LOOKAHEAD` in ks units, at least 1."""
+    steps = sorted(b - a for a, b in zip(grid.ks, grid.ks[1:]))
+    return max(1, math.ceil(KS_LOOKAHEAD / steps[len(steps) // 2] - 1e-9)) if steps else 1
+
+
+def search_ks(rows: Sequence[Sequence[tuple]], evaluate: Callable[[tuple], Candidate],
+              costs: Sequence[Callable[[Candidate], float]], lookahead: int,
+              free: Callable[[tuple], bool] = lambda shape: False) -> list[Candidate]:
+    """Per row (one removed ratio, its ``(removed, ks, k, s)`` shapes by increasing ks), the evaluated
+    candidates: for every
+    cost, a descent over ks (:func:`descend`) from the ks that was best at the previous removed ratio;
+    ``free`` candidates (closed form) are always evaluated. Where the evaluated errors of a cost are not
+    unimodal in ks (the assumption that makes a local minimum the global one), the whole row is evaluated.
+    Rows are visited in order; the result lists the evaluated candidates row by row, by increasing ks."""
+    previous: list[float | None] = [None] * len(costs)
+    result: list[Candidate] = []
+    for row in rows:
+        seen = {i: evaluate(item) for i, item in enumerate(row) if free(item)}
+
+        def at(i: int) -> Candidate:
+            if i not in seen:
+                seen[i] = evaluate(row[i])
+            return seen[i]
+
+        for c, cost in enumerate(costs):
+            start = len(row) // 2 if previous[c] is None else min(
+                range(len(row)), key=lambda i: abs(row[i][1] - previous[c]))
+            previous[c] = row[descend(lambda i: cost(at(i)), len(row), start, lookahead)][1]
+        if not all(unimodal([cost(seen[i]) for i in sorted(seen)]) for cost in costs):
+            for i in range(len(row)):
+                at(i)
+        result.extend(seen[i] for i in sorted(seen))
+    return result
+
+
+def descend(value: Callable[[int], float], n: int, start: int, lookahead: int) -> int:
+    """Index of a local minimum of ``value`` over ``0..n-1`` reached from ``start``: move to the nearest
+    point within ``lookahead`` that is lower (to the left: lower or equal, so ties go to smaller ks),
+    until none is. Evaluates ``value`` only where it looks."""
+    i = start
+    while True:
+        lower = next((j for j in range(i - 1, max(-1, i - 1 - lookahead), -1) if value(j) <= value(i)), None)
+        if lower is None:
+            lower = next((j for j in range(i + 1, min(n, i + 1 + lookahead)) if value(j) < value(i)), None)
+        if lower is None:
+            return i
+        i = lower
+
+
+def unimodal(values: Sequence[float]) -> bool:
+    """Non-increasing up to the (first) minimum, non-decreasing after it."""
+    best = min(range(len(values)), key=lambda i: (values[i], i)) if values else 0
+    return (all(a >= b for a, b in zip(values[:best], values[1:best + 1]))
+            and all(a <= b for a, b in zip(values[best:], values[best + 1:])))

@@ -39,7 +39,8 @@ def run_profiling(model, structure: DecoderStructure, grams_store: GramStore, st
             start = time.perf_counter()
             profile = profile_layer(name, weight_matrix(modules[name]), S, config.grid, group=group,
                                     value_bytes=value_bytes, ridge_rel=config.ridge_rel,
-                                    importance_power=config.importance_power, dtype=dtype)
+                                    importance_power=config.importance_power, dtype=dtype,
+                                    ks_search=config.ks_search)
             profile.seconds = time.perf_counter() - start
             store.put(profile)
             bar.update(1)
