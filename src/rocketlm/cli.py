@@ -140,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     _convert_parser(sub)
     from rocketlm.evaluation.eval_cli import add_eval_parser
     from rocketlm.study.cli import add_study_parser
+    from rocketlm.estimation.cli import add_estimate_parser
     add_eval_parser(sub)
     add_study_parser(sub)
+    add_estimate_parser(sub)
     return parser
 
 
@@ -347,8 +349,14 @@ def _cmd_study(args) -> int:
     return run_study_cli(args)
 
 
+def _cmd_estimate(args) -> int:
+    from rocketlm.estimation.cli import run_estimate_cli
+    return run_estimate_cli(args)
+
+
 COMMANDS = {"compress": _cmd_compress, "ppl": _cmd_ppl, "info": _cmd_info, "export": _cmd_export, "eval": _cmd_eval,
-            "study": _cmd_study, "generate": _cmd_generate, "bench": _cmd_bench, "convert": _cmd_convert}
+            "study": _cmd_study, "generate": _cmd_generate, "bench": _cmd_bench, "convert": _cmd_convert,
+            "estimate": _cmd_estimate}
 
 
 def main(argv: list[str] | None = None) -> int:

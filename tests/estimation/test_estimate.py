@@ -1,0 +1,91 @@
+"""``rocketlm estimate`` on a tiny config without weights: positive finite stage times and memory."""
+import json
+import math
+
+import pytest
+
+from conftest import make_tiny_config
+from rocketlm.cli import main
+from rocketlm.config import GridConfig, RocketConfig
+from rocketlm.estimation import H100, EstimateOptions, estimate, project_to_device
+from rocketlm.estimation.project import lpt_pack, rank_batches
+
+GRID = "removed=0.1:0.7:0.2;ks=1,2,3"
+STAGES = ["calibration", "profiling", "allocation", "compression"]
+
+
+@pytest.fixture
+def config_dir(tmp_path):
+    """A directory with only a config.json (no weights, no tokenizer)."""
+    path = tmp_path / "tiny-config"
+    make_tiny_config("llama").save_pretrained(path)
+    return path
+
+
+def _config(**changes) -> RocketConfig:
+    return RocketConfig(calib_samples=6, calib_seq_len=32, calib_batch_size=2, grid=GridConfig.parse(GRID), **changes)
+
+
+def _check(result) -> None:
+    assert [s.name for s in result.stages] == STAGES
+    for stage in result.stages:
+        assert math.isfinite(stage.seconds) and stage.seconds > 0, stage
+        assert stage.peak_bytes > 0 and all(v >= 0 for v in stage.memory.values()), stage
+        assert abs(sum(c.seconds for c in stage.components) - stage.seconds) < 1e-9 * max(1.0, stage.seconds)
+
+
+def test_estimate_tiny_config_without_weights(config_dir):
+    result = estimate(str(config_dir), _config(), EstimateOptions(repeats=1))
+    _check(result)
+    summary = result.model_summary
+    assert summary["blocks"] == 2 and summary["target_layers"] == 14
+    assert summary["gram_groups"] == 8  # q/k/v share one input, gate/up another: 4 per block
+    assert sorted(map(tuple, summary["shapes"])) == [(64, 32), (64, 64), (64, 128), (128, 64)]
+    assert result.gram_cache_bytes == 2 * 8 * (3 * 64 * 64 + 128 * 128)
+    json.dumps(result.to_json(), default=str)  # serialisable
+
+
+def test_estimate_from_config_json_file_and_processes(config_dir):
+    single = estimate(str(config_dir / "config.json"), _config(), EstimateOptions(repeats=1))
+    _check(single)
+    two = estimate(str(config_dir / "config.json"), _config(), EstimateOptions(nproc=2, repeats=1))
+    _check(two)
+    names = [c.name for c in two.stage("calibration").components]
+    assert "all_reduce of the Grams" in names
+    gpu = project_to_device(single, H100)
+    _check(gpu)
+    assert gpu.stage("profiling").seconds < single.stage("profiling").seconds
+
+
+def test_scaled_down_probe_is_used_for_wide_layers(config_dir):
+    result = estimate(str(config_dir), _config(), EstimateOptions(repeats=1, max_probe_dim=32))
+    _check(result)
+    wide = next(p for p in result.layer_probes if (p["d_in"], p["d_out"]) == (128, 64))
+    assert (wide["probe_d_in"], wide["probe_d_out"]) == (32, 16)
+    assert wide["profile_s"] > 0 and wide["candidates"] > 0
+
+
+def test_rank_batches_and_packing():
+    assert rank_batches(10, 4, 0, 1) == [4, 4, 2]
+    assert [rank_batches(10, 4, r, 2) for r in range(2)] == [[4], [4, 2]]
+    parts = lpt_pack({"a": 5.0, "b": 4.0, "c": 3.0, "d": 3.0}, 2)
+    assert sorted(map(sorted, parts)) == [["a", "d"], ["b", "c"]]
+
+
+def test_cli_estimate_on_config_dir(config_dir, tmp_path, capsys):
+    out = tmp_path / "estimate.json"
+    rc = main(["estimate", str(config_dir), "--calib-samples", "4", "--seq-len", "16", "--calib-batch-size", "2",
+               "--grid", GRID, "--repeats", "1", "--nproc", "2", "--target", "h100", "--shapes",
+               "--ks-search", "exhaustive", "--sequential", "--out", str(out), "-q"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    for name in STAGES + ["total", "on H100 SXM", "Gram cache on disk", "not modelled: sequential=True"]:
+        assert name in printed
+    data = json.loads(out.read_text())
+    assert data["nproc"] == 2 and data["config"]["calib_samples"] == 4 and data["config"]["ks_search"] == "exhaustive"
+    assert all(s["seconds"] > 0 for s in data["stages"]) and data["target"]["device"] == "H100 SXM"
+
+
+def test_cli_estimate_rejects_a_bad_target(config_dir, capsys):
+    assert main(["estimate", str(config_dir), "--target", "nonsense", "-q"]) == 2
+    assert "--target" in capsys.readouterr().err
