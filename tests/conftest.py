@@ -87,3 +87,27 @@ def data_dir(tmp_path):
     (root / "wikitext-2-raw" / "wiki.test.raw").write_text("\n".join(" ".join(f"w{(i * j) % 400}" for j in range(30))
                                                                      for i in range(40)))
     return root
+
+
+TINY_GRID_RATIOS, TINY_GRID_KS = (0.1, 0.3, 0.5, 0.7), (1.0, 2.0, 3.0)
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    """A calibration text over the tiny tokenizer's vocabulary."""
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(f"w{(i * 7) % 400}" for i in range(6000)))
+    return str(path)
+
+
+def tiny_rocket_config(calib_file: str, **changes):
+    """A small, fast RocketConfig for tiny models (8 x 32 calibration tokens, a 4 x 3 grid)."""
+    from rocketlm.config import GridConfig, RocketConfig
+    base = dict(model="tiny", removed_ratio=0.3, cost="output", calib_files=(calib_file,), calib_samples=8,
+                calib_seq_len=32, grid=GridConfig(removed_ratios=TINY_GRID_RATIOS, ks=TINY_GRID_KS))
+    base.update(changes)
+    return RocketConfig(**base)
+
+
+def tiny_ids():
+    return make_tiny_tokenizer()(" ".join(f"w{i}" for i in range(40)), return_tensors="pt").input_ids

@@ -3,37 +3,18 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import make_tiny_model, make_tiny_tokenizer, tiny_ids, tiny_rocket_config
 from rocketlm.checkpoint.io import CheckpointError, load_compressed, save_compressed
 from rocketlm.compression.modules import SparseDictionaryLinear
 from rocketlm.config import ConfigError, GridConfig, RocketConfig
 from rocketlm.evaluation.perplexity import perplexity, token_windows, wikitext2_rows
 from rocketlm.pipeline import compress
 
-GRID = GridConfig(removed_ratios=(0.1, 0.3, 0.5, 0.7), ks=(1.0, 2.0, 3.0))
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text(" ".join(f"w{(i * 7) % 400}" for i in range(6000)))
-    return str(path)
-
-
-def _config(calib_file, **kw):
-    base = dict(model="tiny", removed_ratio=0.3, cost="output", calib_files=(calib_file,), calib_samples=8,
-                calib_seq_len=32, grid=GRID)
-    base.update(kw)
-    return RocketConfig(**base)
-
-
-def _ids():
-    return make_tiny_tokenizer()(" ".join(f"w{i}" for i in range(40)), return_tensors="pt").input_ids
 
 
 def test_compress_save_load_gives_identical_logits(tiny_arch, calib_file, tmp_path):
     model, tok = make_tiny_model(tiny_arch), make_tiny_tokenizer()
-    result = compress(model, tok, _config(calib_file), cache_dir=tmp_path / "cache", progress=False)
+    result = compress(model, tok, tiny_rocket_config(calib_file), cache_dir=tmp_path / "cache", progress=False)
     alloc = result.allocation
     assert abs(alloc.achieved_removed_ratio - 0.3) < 0.02 and alloc.achieved_removed_ratio >= 0.3
     compressed = [m for m in model.modules() if isinstance(m, SparseDictionaryLinear)]
@@ -41,12 +22,12 @@ def test_compress_save_load_gives_identical_logits(tiny_arch, calib_file, tmp_pa
     # the shipped factors reproduce the profiled errors
     assert result.checks["profile_vs_shipped"] < 1e-6
     with torch.no_grad():
-        logits = model(_ids()).logits
+        logits = model(tiny_ids()).logits
     manifest = save_compressed(result, tmp_path / "ckpt")
     assert manifest["weights_file"]["bytes"] < manifest["dense_weights_bytes"]
     loaded, _ = load_compressed(tmp_path / "ckpt", runtime="canonical")  # the stored form: bitwise the same
     with torch.no_grad():
-        assert torch.equal(loaded(_ids()).logits, logits)
+        assert torch.equal(loaded(tiny_ids()).logits, logits)
     for m in compressed[:2]:  # compact storage: s values per column, not a dense V
         assert m.V_values.shape == (m.s, m.out_features)
 
@@ -54,36 +35,36 @@ def test_compress_save_load_gives_identical_logits(tiny_arch, calib_file, tmp_pa
 def test_profiles_resume_and_config_changes_do_not_reuse(calib_file, tmp_path):
     tok = make_tiny_tokenizer()
     cache = tmp_path / "cache"
-    first = compress(make_tiny_model("llama"), tok, _config(calib_file), cache_dir=cache, progress=False)
+    first = compress(make_tiny_model("llama"), tok, tiny_rocket_config(calib_file), cache_dir=cache, progress=False)
     store = first.checks["profile_store"]
     lines = open(store).read().splitlines()
     # simulate an interruption in the middle of profiling: half the layers and a torn last line
     with open(store, "w") as handle:
         handle.write("\n".join(lines[:5]) + "\n" + lines[5][:40])
-    again = compress(make_tiny_model("llama"), tok, _config(calib_file), cache_dir=cache, progress=False)
+    again = compress(make_tiny_model("llama"), tok, tiny_rocket_config(calib_file), cache_dir=cache, progress=False)
     assert again.checks["profile_store"] == store
     strip = lambda p: {**p.to_json(), "seconds": 0}  # noqa: E731
     assert [strip(p) for p in again.profiles] == [strip(p) for p in first.profiles]
     assert len(open(store).read().splitlines()) == len(lines)
     assert again.allocation.choices == first.allocation.choices
-    other = compress(make_tiny_model("llama"), tok, _config(calib_file, grid=GridConfig((0.2, 0.4), (1.0, 2.0))),
+    other = compress(make_tiny_model("llama"), tok, tiny_rocket_config(calib_file, grid=GridConfig((0.2, 0.4), (1.0, 2.0))),
                      cache_dir=cache, progress=False)
     assert other.checks["profile_store"] != store
-    reseeded = compress(make_tiny_model("llama"), tok, _config(calib_file, seed=7), cache_dir=cache, progress=False)
+    reseeded = compress(make_tiny_model("llama"), tok, tiny_rocket_config(calib_file, seed=7), cache_dir=cache, progress=False)
     assert reseeded.keys.calibration != first.keys.calibration
 
 
 def test_costs_give_different_best_ks_from_one_profile(calib_file, tmp_path):
     tok = make_tiny_tokenizer()
-    w = compress(make_tiny_model("llama"), tok, _config(calib_file, cost="weight"), cache_dir=tmp_path, progress=False)
-    o = compress(make_tiny_model("llama"), tok, _config(calib_file, cost="output"), cache_dir=tmp_path, progress=False)
+    w = compress(make_tiny_model("llama"), tok, tiny_rocket_config(calib_file, cost="weight"), cache_dir=tmp_path, progress=False)
+    o = compress(make_tiny_model("llama"), tok, tiny_rocket_config(calib_file, cost="output"), cache_dir=tmp_path, progress=False)
     assert w.keys.profile == o.keys.profile  # one profiling pass serves both costs
     assert w.allocation.achieved_removed_ratio >= 0.3 and o.allocation.achieved_removed_ratio >= 0.3
 
 
 def test_corrupt_and_incomplete_checkpoints_are_clear_errors(calib_file, tmp_path):
     model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
-    result = compress(model, tok, _config(calib_file), cache_dir=tmp_path / "cache", progress=False)
+    result = compress(model, tok, tiny_rocket_config(calib_file), cache_dir=tmp_path / "cache", progress=False)
     ckpt = tmp_path / "ckpt"
     save_compressed(result, ckpt)
     weights = ckpt / "model.safetensors"

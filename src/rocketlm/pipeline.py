@@ -27,16 +27,9 @@ from rocketlm.models.discovery import DecoderStructure, decoder_structure
 from rocketlm.monitor import StageStats, stage
 from rocketlm.profiling.profile import LayerProfile
 from rocketlm.profiling.run import run_profiling
-from rocketlm.storage import model_fingerprint, stable_hash
+from rocketlm.storage import CACHE_ENV, default_cache_dir, model_fingerprint, stable_hash  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-CACHE_ENV = "ROCKETLM_CACHE"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rocketlm")
-
 
 @dataclass
 class RunKeys:

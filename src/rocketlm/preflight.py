@@ -10,9 +10,6 @@ from rocketlm.calibration.data import default_calib_files
 from rocketlm.config import RocketConfig
 from rocketlm.errors import ConfigError, DataError, OutputDirError
 
-MANIFEST_NAME = "rocketlm.json"
-
-
 def check_calibration_files(config: RocketConfig, data_dir: str | None) -> tuple[str, ...]:
     """The calibration files exist, are files, and are not empty (a hub dataset is checked when read)."""
     if config.calib_dataset:
@@ -33,24 +30,26 @@ def check_calibration_files(config: RocketConfig, data_dir: str | None) -> tuple
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
     """``out_dir`` can be created and written, and holds nothing but (with ``overwrite``) an earlier checkpoint."""
+    from rocketlm.checkpoint.io import is_checkpoint  # lazy: checkpoint.io calls this check when saving
+
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise OutputDirError(f"--out {out} is a file; pass a directory path")
+        raise OutputDirError(f"{out} is a file; pass a directory path")
     if out.is_dir() and any(out.iterdir()):
-        if not (out / MANIFEST_NAME).is_file():
-            raise OutputDirError(f"--out {out} is not empty and is not a rocketlm checkpoint; "
+        if not is_checkpoint(out):
+            raise OutputDirError(f"{out} is not empty and is not a rocketlm checkpoint; "
                                  "choose a new or empty directory (nothing was written)")
         if not overwrite:
-            raise OutputDirError(f"--out {out} already holds a rocketlm checkpoint; pass --overwrite to replace it "
+            raise OutputDirError(f"{out} already holds a rocketlm checkpoint; pass --overwrite to replace it "
                                  "or choose another directory")
     parent = out if out.is_dir() else _existing_parent(out)
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputDirError(f"--out {out}: cannot write in {parent} (permission denied); choose another directory")
+        raise OutputDirError(f"{out}: cannot write in {parent} (permission denied); choose another directory")
     try:
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as exc:
-        raise OutputDirError(f"--out {out}: cannot write in {parent} ({exc.strerror}); choose another directory") from None
+        raise OutputDirError(f"{out}: cannot write in {parent} ({exc.strerror}); choose another directory") from None
 
 
 def _existing_parent(path: Path) -> Path:
@@ -58,7 +57,7 @@ def _existing_parent(path: Path) -> Path:
     while not path.exists():
         path = path.parent
     if not path.is_dir():
-        raise OutputDirError(f"--out {path} is a file, so no directory can be created under it")
+        raise OutputDirError(f"{path} is a file, so no directory can be created under it")
     return path
 
 

@@ -10,6 +10,14 @@ from pathlib import Path
 import torch
 
 
+CACHE_ENV = "ROCKETLM_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """Where Grams, profiles and run-time form tables are cached: ``$ROCKETLM_CACHE`` or ``~/.cache/rocketlm``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rocketlm")
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place, so a reader
     never sees a half-written file (an interrupted write leaves only the ``.tmp``)."""

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import make_tiny_model, make_tiny_tokenizer, tiny_ids, tiny_rocket_config
 from rocketlm.allocation.plan import allocate
 from rocketlm.calibration.grams import iterate_block_grams
 from rocketlm.calibration.sensitivity import attach_sensitivities, measure_sensitivities
@@ -12,13 +12,12 @@ from rocketlm.calibration.sequential import iterate_sequential_grams
 from rocketlm.checkpoint.io import load_compressed, save_compressed
 from rocketlm.compression.modules import SparseDictionaryLinear, replace_module
 from rocketlm.compression.sequential import refit_factors
-from rocketlm.config import ConfigError, GridConfig, RocketConfig
+from rocketlm.config import ConfigError, RocketConfig
 from rocketlm.factorization.sparse_dictionary import candidate_shape, whitening_factor
 from rocketlm.factorization.whitening import weight_matrix
 from rocketlm.models.discovery import decoder_structure
 from rocketlm.pipeline import compress
 
-GRID = GridConfig(removed_ratios=(0.1, 0.3, 0.5, 0.7), ks=(1.0, 2.0, 3.0))
 
 
 def _windows(n=6, seq=24, seed=0, vocab=512):
@@ -153,41 +152,23 @@ def test_alternating_refit_never_increases_the_error_and_keeps_the_mask():
         assert torch.allclose(C[rows, j], expected, atol=1e-8)
 
 
-@pytest.fixture
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text(" ".join(f"w{(i * 7) % 400}" for i in range(6000)))
-    return str(path)
-
-
-def _config(calib_file, **kw):
-    base = dict(model="tiny", removed_ratio=0.3, cost="output", calib_files=(calib_file,), calib_samples=8,
-                calib_seq_len=32, grid=GRID)
-    base.update(kw)
-    return RocketConfig(**base)
-
-
-def _ids():
-    return make_tiny_tokenizer()(" ".join(f"w{i}" for i in range(40)), return_tensors="pt").input_ids
-
-
 @pytest.mark.parametrize("options", [dict(sequential=True), dict(sequential=True, upstream_correction=True),
                                      dict(refine_iters=2), dict(sequential=True, upstream_correction=True,
                                                                 refine_iters=1)])
 def test_pipeline_with_refits_saves_and_loads(options, calib_file, tmp_path):
     model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
-    result = compress(model, tok, _config(calib_file, **options), cache_dir=tmp_path / "cache", progress=False)
+    result = compress(model, tok, tiny_rocket_config(calib_file, **options), cache_dir=tmp_path / "cache", progress=False)
     refit = result.checks["refit"]
     assert refit["layers"] == sum(not c.dense for c in result.allocation.choices) > 0
     if not options.get("sequential"):  # same Gram as profiled: refinement only lowers the output error
         assert refit["mean_closed_form_error_output"] == pytest.approx(refit["mean_planned_error_output"], abs=1e-5)
         assert refit["mean_error_output"] < refit["mean_closed_form_error_output"]
     with torch.no_grad():
-        logits = model(_ids()).logits
+        logits = model(tiny_ids()).logits
     save_compressed(result, tmp_path / "ckpt")
     loaded, _ = load_compressed(tmp_path / "ckpt", runtime="canonical")
     with torch.no_grad():
-        assert torch.equal(loaded(_ids()).logits, logits)
+        assert torch.equal(loaded(tiny_ids()).logits, logits)
     assert RocketConfig.from_dict(result.config.to_dict()) == result.config
 
 
@@ -195,10 +176,10 @@ def test_refits_are_deterministic(calib_file, tmp_path):
     outs = []
     for run in range(2):
         model = make_tiny_model("qwen2")
-        compress(model, make_tiny_tokenizer(), _config(calib_file, sequential=True, upstream_correction=True,
+        compress(model, make_tiny_tokenizer(), tiny_rocket_config(calib_file, sequential=True, upstream_correction=True,
                                                        refine_iters=1), cache_dir=tmp_path / "cache", progress=False)
         with torch.no_grad():
-            outs.append(model(_ids()).logits)
+            outs.append(model(tiny_ids()).logits)
     assert torch.equal(outs[0], outs[1])
 
 
@@ -227,7 +208,7 @@ def test_sensitivities_match_autograd_and_leave_weights_alone():
 
 def test_fisher_cost_allocates_with_sensitivities_and_asks_for_them_otherwise(calib_file, tmp_path):
     model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
-    result = compress(model, tok, _config(calib_file, cost="fisher", sensitivity_samples=2),
+    result = compress(model, tok, tiny_rocket_config(calib_file, cost="fisher", sensitivity_samples=2),
                       cache_dir=tmp_path / "cache", progress=False)
     assert result.allocation.cost == "fisher" and result.allocation.achieved_removed_ratio >= 0.3
     assert all(hasattr(p, "sensitivity") for p in result.profiles)

@@ -27,10 +27,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from rocketlm.allocation.plan import Allocation
-from rocketlm.errors import CheckpointError, OutputDirError, RocketError
+from rocketlm.errors import CheckpointError, RocketError
 from rocketlm.integration.layers import (FORMAT_VERSION, QUANT_METHOD, compressed_layers, densify_layers,
                                          forget_layers, model_quantization_config, quantization_config_dict,
                                          specs_from_allocation)
+from rocketlm.preflight import check_output_dir
 from rocketlm.storage import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def save_compressed(result, out_dir: str | Path, extra: dict | None = None) -> d
     ``out_dir`` is replaced only then). ``out_dir`` must be new, empty or an earlier checkpoint.
     """
     out = Path(out_dir)
-    _check_replaceable(out)
+    check_output_dir(out, overwrite=True)  # the same rules as the CLI's preflight; an earlier checkpoint is replaced
     tmp = _sibling(out, "partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -102,14 +103,6 @@ def save_compressed(result, out_dir: str | Path, extra: dict | None = None) -> d
     log.info("saved %s (%.1f MB; dense %.1f MB)", out, manifest["weights_file"]["bytes"] / 1e6,
              manifest["dense_weights_bytes"] / 1e6)
     return manifest
-
-
-def _check_replaceable(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"{out} is a file; save the checkpoint to a directory path")
-    if out.is_dir() and any(out.iterdir()) and not is_checkpoint(out):
-        raise OutputDirError(f"{out} is not empty and is not a rocketlm checkpoint; choose a new or empty directory "
-                             "(nothing was written)")
 
 
 def _sibling(out: Path, tag: str) -> Path:

@@ -12,6 +12,7 @@ from rocketlm.compression.modules import SparseDictionaryLinear, replace_module
 from rocketlm.errors import ConfigError
 from rocketlm.runtime.forms import FORMS, FactoredLinear, SparseFactoredLinear, build_form, form_bytes, form_flops
 from rocketlm.runtime.select import FormTable, choose_form
+from rocketlm.storage import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +22,10 @@ __all__ = ["RUNTIMES", "FORMS", "FactoredLinear", "SparseFactoredLinear", "conve
            "form_flops", "choose_forms", "plan_forms"]
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("ROCKETLM_CACHE") or Path.home() / ".cache" / "rocketlm")
-
-
 def choose_forms(shapes: set[tuple[int, int, int, int]], dtype: torch.dtype, device: torch.device | str,
                  cache_dir: str | os.PathLike | None = None, progress: bool = False) -> dict[tuple, str]:
     """Measured fastest form per layer shape ``(d_in, d_out, k, s)`` on ``device`` (cached per device)."""
-    table = FormTable(torch.device(device), dtype, Path(cache_dir) if cache_dir else _cache_dir())
+    table = FormTable(torch.device(device), dtype, Path(cache_dir) if cache_dir else default_cache_dir())
     chosen = {shape: choose_form(table.timings(*shape))
               for shape in tqdm(sorted(shapes), desc="runtime forms (shapes)", disable=not progress)}
     table.save()
