@@ -6,7 +6,7 @@ import torch
 
 from conftest import make_tiny_model, make_tiny_tokenizer, tiny_ids, tiny_rocket_config
 from rocketlm.allocation.plan import allocate
-from rocketlm.calibration.grams import iterate_block_grams
+from rocketlm.calibration.grams import add_gram_, gram_work_dtype, iterate_block_grams
 from rocketlm.calibration.sensitivity import attach_sensitivities, measure_sensitivities
 from rocketlm.calibration.sequential import iterate_sequential_grams
 from rocketlm.checkpoint.io import load_compressed, save_compressed
@@ -26,14 +26,16 @@ def _windows(n=6, seq=24, seed=0, vocab=512):
 
 def _input_grams(model, names, windows, other=None):
     """Grams of every layer's input over ordinary full forwards; with ``other`` (a model of the same
-    architecture) also the cross-Grams ``X_model^T X_other`` of the same tokens."""
+    architecture) also the cross-Grams ``X_model^T X_other`` of the same tokens. The arithmetic is the
+    calibration's: one product per batch in :func:`gram_work_dtype`, summed into float64."""
     captured: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
     for tag, m in enumerate((model, other) if other is not None else (model,)):
         modules = dict(m.named_modules())
         for name in names:
             def hook(module, args, name=name, tag=tag):
-                captured[(tag, name)] = args[0].reshape(-1, args[0].shape[-1]).double()
+                X = args[0].reshape(-1, args[0].shape[-1])
+                captured[(tag, name)] = X.to(gram_work_dtype(X.dtype))
             handles.append(modules[name].register_forward_pre_hook(hook))
     grams, cross = {}, {}
     with torch.no_grad():
@@ -43,9 +45,11 @@ def _input_grams(model, names, windows, other=None):
                 other(input_ids=windows[i:i + 2], use_cache=False)
             for name in names:
                 X = captured[(0, name)]
-                grams[name] = grams.get(name, 0) + X.T @ X
+                if name not in grams:
+                    grams[name] = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64)
+                add_gram_(grams[name], X)
                 if other is not None:
-                    cross[name] = cross.get(name, 0) + X.T @ captured[(1, name)]
+                    cross[name] = cross.get(name, 0) + (X.T @ captured[(1, name)]).double()
     for h in handles:
         h.remove()
     return grams, cross

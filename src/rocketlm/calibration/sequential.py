@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rocketlm.calibration.grams import add_gram_, block_kwargs, first_block_inputs
+from rocketlm.calibration.grams import add_gram_, block_kwargs, first_block_inputs, gram_work_dtype
 from rocketlm.errors import CalibrationError
 from rocketlm.models.discovery import DecoderStructure
 
@@ -39,7 +39,8 @@ class StageGrams:
     """The input statistics of one group of layers (they read the same tensor).
 
     ``gram``: ``X_c^T X_c`` (d_in x d_in, float64) of the compressed model's input; ``cross``:
-    ``X_c^T X_d`` with the dense model's input of the same tokens (only with ``cross``);
+    ``X_c^T X_d`` with the dense model's input of the same tokens (only with ``cross``). As in the dense
+    calibration, each batch's product runs in :func:`gram_work_dtype` and the batches sum in float64;
     ``layers``: the group's layers to compress, full names in execution order.
     """
 
@@ -107,11 +108,12 @@ def group_input(block: nn.Module, module: nn.Module, hidden: torch.Tensor, kwarg
     return captured[0]
 
 
-def _flat64(x: torch.Tensor, name: str) -> torch.Tensor:
+def _flat(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Tokens x features in the dtype of the dense calibration's products (:func:`gram_work_dtype`)."""
     X = x.detach().reshape(-1, x.shape[-1])
     if not torch.isfinite(X).all():
         raise CalibrationError(f"non-finite (NaN/Inf) activation at the input of {name} in sequential calibration")
-    return X.to(torch.float64)
+    return X.to(gram_work_dtype(X.dtype))
 
 
 class _Streams:
@@ -171,13 +173,15 @@ class _Streams:
         module = block.get_submodule(_relative(block_name, first))
         gram, cross, tokens = None, None, 0
         for i in range(len(self.batches)):
-            X_c = _flat64(group_input(block, module, self.compressed[i], self.kwargs[i][b]), first)
+            X_c = _flat(group_input(block, module, self.compressed[i], self.kwargs[i][b]), first)
             if gram is None:
                 gram = torch.zeros(X_c.shape[1], X_c.shape[1], dtype=torch.float64, device=X_c.device)
             add_gram_(gram, X_c)
             if dense_block is not None:
-                X_d = _flat64(self._dense_input(i, b, dense_block, block_name, first), first)
-                cross = X_c.T @ X_d if cross is None else cross.add_(X_c.T @ X_d)
+                X_d = _flat(self._dense_input(i, b, dense_block, block_name, first), first)
+                if cross is None:
+                    cross = torch.zeros(X_c.shape[1], X_d.shape[1], dtype=torch.float64, device=X_c.device)
+                cross += X_c.T @ X_d  # one product per batch in the work dtype, summed in float64
             tokens += self.batches[i].numel()
         if self.dense_inputs is not None:
             del self.dense_inputs[first]  # each group is staged once
