@@ -1,16 +1,19 @@
 """Profiling and allocation speed on SmolLM2-135M (prints figures; not a test).
 
 Calibrates (or reuses cached Grams from --cache-dir), then profiles every targeted layer into a
-fresh temporary profile store and times it, then times the knapsack for both costs.
+fresh temporary profile store and times it (wall and CPU seconds, with the load average, since the
+machine may be shared), then allocates with both costs at --ratios. ``--compare`` profiles a second
+time with every candidate (``ks_search="exhaustive"``) and reports whether the allocations agree.
 
-    python bench/bench_profiling.py --calib-samples 64 --seq-len 512 \
-        --grid "removed=0.05:0.70:0.05;ks=1.0,1.5,2.0,2.5,3.0" --cache-dir runs/cache
+    python bench/bench_profiling.py --calib-samples 64 --seq-len 512 \\
+        --grid "removed=0.05:0.70:0.05;ks=1.0,1.5,2.0,2.5,3.0" --threads 2 --compare
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import json
+import os
 import tempfile
 import time
 
@@ -18,12 +21,50 @@ import torch
 
 from rocketlm import GridConfig, RocketConfig, load_model
 from rocketlm.allocation.plan import allocate
-from rocketlm.models.discovery import decoder_structure
 from rocketlm.calibration.run import calibration_windows, run_calibration
+from rocketlm.calibration.store import GramStore
+from rocketlm.models.discovery import decoder_structure
 from rocketlm.pipeline import default_cache_dir, run_keys, targets_fingerprint
 from rocketlm.profiling.run import run_profiling
-from rocketlm.calibration.store import GramStore
 from rocketlm.profiling.store import ProfileStore
+
+
+def profile_all(model, structure, grams, config, value_dtype, save: str | None):
+    """Profiles of every layer into a temporary store; prints wall and CPU seconds per layer kind."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ProfileStore(tmp, "bench", {})
+        load, start, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
+        profiles = run_profiling(model, structure, grams, store, config, value_dtype, progress=False)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        if save:
+            with open(save, "w") as handle:
+                handle.writelines(json.dumps(p.to_json()) + "\n" for p in profiles)
+    per_kind = collections.defaultdict(list)
+    for prof in profiles:
+        per_kind[prof.name.rsplit(".", 1)[1]].append((prof.seconds, len(prof.candidates)))
+    n_cand = sum(len(p.candidates) for p in profiles)
+    print(f"profiling (ks_search={config.ks_search}): {len(profiles)} layers, {n_cand} candidates, wall {wall:.1f} s, "
+          f"CPU {cpu:.1f} s, torch threads {torch.get_num_threads()}, load average {load:.2f} -> "
+          f"{os.getloadavg()[0]:.2f}")
+    for kind, rows in per_kind.items():
+        secs = sum(s for s, _ in rows)
+        print(f"  {kind:<10} {secs:7.1f} s wall, {sum(c for _, c in rows):6d} candidates")
+    return profiles
+
+
+def allocations(profiles, ratios) -> dict:
+    result = {}
+    for ratio in ratios:
+        for cost in ("weight", "output"):
+            for alpha in ("auto", None):
+                start = time.perf_counter()
+                alloc = allocate(profiles, ratio, cost, alpha=alpha)
+                result[(ratio, cost, alpha)] = [(c.name, c.removed_ratio, c.ks) for c in alloc.choices]
+                print(json.dumps({"ratio": ratio, "cost": cost, "alpha": alpha, "alpha_used": alloc.alpha,
+                                  "solve_s": round(time.perf_counter() - start, 4),
+                                  "achieved": round(alloc.achieved_removed_ratio, 5), "total_cost": alloc.total_cost,
+                                  "dense_layers": sum(c.dense for c in alloc.choices)}))
+    return result
 
 
 def main() -> None:
@@ -32,6 +73,10 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--grid", default="removed=0.05:0.70:0.05;ks=1.0,1.5,2.0,2.5,3.0")
     p.add_argument("--ratios", default="0.2,0.5")
+    p.add_argument("--ks-search", default="auto", choices=("auto", "exhaustive"))
+    p.add_argument("--compare", action="store_true", help="also profile exhaustively and compare the allocations")
+    p.add_argument("--save", default=None, help="write the profiles (JSON lines) here; with --compare, also "
+                                                "SAVE.exhaustive.jsonl")
     p.add_argument("--data", default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -39,7 +84,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = RocketConfig(removed_ratio=0.2, calib_samples=args.calib_samples, calib_seq_len=args.seq_len,
-                          grid=GridConfig.parse(args.grid))
+                          grid=GridConfig.parse(args.grid), ks_search=args.ks_search)
     model, tok = load_model("smollm2-135m")
     structure = decoder_structure(model)
     value_dtype = next(model.parameters()).dtype
@@ -49,27 +94,16 @@ def main() -> None:
     start = time.perf_counter()
     run_calibration(model, structure, windows, config, grams, progress=False)
     print(f"calibration (0 s if cached): {time.perf_counter() - start:.1f} s")
-    with tempfile.TemporaryDirectory() as tmp:
-        store = ProfileStore(tmp, keys.profile, {})
-        start = time.perf_counter()
-        profiles = run_profiling(model, structure, grams, store, config, value_dtype, progress=False)
-        total = time.perf_counter() - start
-    per_kind = collections.defaultdict(list)
-    for prof in profiles:
-        per_kind[prof.name.rsplit(".", 1)[1]].append((prof.seconds, len(prof.candidates)))
-    n_cand = sum(len(p.candidates) for p in profiles)
-    print(f"profiling: {len(profiles)} layers, {n_cand} candidates, {total:.1f} s "
-          f"({1000 * total / n_cand:.2f} ms per candidate), torch threads {torch.get_num_threads()}")
-    for kind, rows in per_kind.items():
-        secs = [s for s, _ in rows]
-        print(f"  {kind:<10} {sum(secs):7.1f} s total, {1000 * sum(secs) / sum(c for _, c in rows):6.2f} ms/candidate")
-    for ratio in [float(r) for r in args.ratios.split(",")]:
-        for cost in ("weight", "output"):
-            start = time.perf_counter()
-            alloc = allocate(profiles, ratio, cost, alpha=None)
-            print(json.dumps({"ratio": ratio, "cost": cost, "solve_s": round(time.perf_counter() - start, 4),
-                              "achieved": round(alloc.achieved_removed_ratio, 5),
-                              "gap_to_lp_bound": alloc.total_cost - alloc.lower_bound}))
+    ratios = [float(r) for r in args.ratios.split(",")]
+    found = allocations(profile_all(model, structure, grams, config, value_dtype, args.save), ratios)
+    if args.compare:
+        full = config.replace(ks_search="exhaustive")
+        save = args.save and args.save.removesuffix(".jsonl") + ".exhaustive.jsonl"
+        reference = allocations(profile_all(model, structure, grams, full, value_dtype, save), ratios)
+        for key, choices in found.items():
+            differ = sum(a != b for a, b in zip(choices, reference[key]))
+            print(f"ratio {key[0]} cost {key[1]} alpha {key[2]}: "
+                  + ("identical allocation" if not differ else f"{differ} layers allocated differently"))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ WikiText-2 perplexity on the first --ppl-limit windows of 2048 tokens. One JSON 
 appended to --out (a rerun skips the variants already there), with every stage's seconds.
 
 Variants are '+'-joined tokens: ``base`` (today's pipeline), ``seq`` (sequential calibration), ``corr``
-(upstream correction), ``refineN`` (N alternating refits), ``cost=NAME`` (allocation cost), ``alpha=A``.
+(upstream correction), ``dampX`` (sequential damping X), ``refineN`` (N alternating refits), ``cost=NAME`` (allocation cost), ``alpha=A``.
 
     OMP_NUM_THREADS=2 python bench/bench_quality.py --ratio 0.5 --cost weight \\
         --variants base,seq,seq+corr,refine3,seq+corr+refine3 --ppl-limit 40 --out runs/quality.jsonl
@@ -42,6 +42,8 @@ def variant_options(variant: str) -> dict:
             options["cost"] = token.split("=", 1)[1]
         elif token.startswith("alpha="):
             options["alpha"] = token.split("=", 1)[1]
+        elif token.startswith("damp"):
+            options["sequential_damping"] = float(token[len("damp"):])
         elif token.startswith("samples="):
             options["sensitivity_samples"] = int(token.split("=", 1)[1])
         else:
@@ -51,7 +53,8 @@ def variant_options(variant: str) -> dict:
 
 def run_variant(variant: str, args, windows: torch.Tensor) -> dict:
     config = RocketConfig(removed_ratio=args.ratio, cost=args.cost, calib_samples=args.calib_samples,
-                          calib_seq_len=args.seq_len, seed=args.seed, grid=GridConfig.parse(args.grid))
+                          calib_seq_len=args.seq_len, seed=args.seed, grid=GridConfig.parse(args.grid),
+                          ks_search=args.ks_search)
     config = config.replace(**variant_options(variant))
     model, tokenizer = load_model("smollm2-135m")
     start = time.perf_counter()
@@ -77,6 +80,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=2023)
     p.add_argument("--grid", default=REFERENCE_GRID)
+    p.add_argument("--ks-search", default="exhaustive", help="profiles' ks search [exhaustive: every candidate]")
     p.add_argument("--data", default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--threads", type=int, default=None)

@@ -224,3 +224,15 @@ def test_float32_errors_stay_within_1e4_of_float64_even_when_small():
             smallest = min(smallest, f64.error_output)
             assert abs(f32.error_output - f64.error_output) < 1e-4 and abs(f32.error_weight - f64.error_weight) < 1e-4
     assert smallest < 0.02  # the float64 refinement path was exercised
+
+
+def test_thresholds_found_near_the_previous_ones_equal_the_direct_ones():
+    from rocketlm.factorization.sparse_dictionary import _thresholds, _thresholds_near
+    W, A = _layer(64, 96, seed=13)
+    basis = layer_basis(W, whitening_factor(A), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        k1, k2 = (int(v) for v in torch.randint(2, 65, (2,), generator=gen))
+        s1, s2 = int(torch.randint(1, k1, (1,), generator=gen)), int(torch.randint(1, k2, (1,), generator=gen))
+        _, state = factorize_next(basis, k1, s1, None)
+        assert torch.equal(_thresholds_near(basis, state, k2, s2), _thresholds(basis, k2, s2)), (k1, s1, k2, s2)

@@ -62,6 +62,9 @@ def _compress_parser(sub) -> None:
     p.add_argument("--upstream-correction", action=argparse.BooleanOptionalAction,
                    help="with --sequential: fit the dense model's outputs from the compressed inputs, so a layer "
                         f"also repairs what earlier layers broke (default {'on' if d.upstream_correction else 'off'})")
+    p.add_argument("--sequential-damping", type=float,
+                   help="with --sequential: ridge (x mean Gram diagonal) pulling each refit towards the original "
+                        f"weight (default {d.sequential_damping})")
     p.add_argument("--refine-iters", type=int,
                    help=f"alternating closed-form refits of U and of V's kept values (default {d.refine_iters})")
     p.add_argument("--sensitivity-samples", type=int,
@@ -152,6 +155,7 @@ _FLAG_TO_FIELD = {"ratio": "removed_ratio", "cost": "cost", "budget_count": "bud
                   "calib_samples": "calib_samples", "seq_len": "calib_seq_len", "calib_batch_size": "calib_batch_size",
                   "seed": "seed", "profile_dtype": "profile_dtype", "device": "device", "save_dtype": "save_dtype",
                   "sequential": "sequential", "upstream_correction": "upstream_correction",
+                  "sequential_damping": "sequential_damping",
                   "refine_iters": "refine_iters", "sensitivity_samples": "sensitivity_samples",
                   "offload": "offload", "ks_search": "ks_search"}
 

@@ -108,6 +108,8 @@ class RocketConfig:
     # compression stage (rocketlm.compression.sequential): statistics and target each chosen layer is factored with
     sequential: bool = False  # factor each layer with the Gram of its input in the model compressed so far
     upstream_correction: bool = False  # (needs sequential) fit the dense model's outputs X_d W from compressed inputs
+    sequential_damping: float = 0.0  # (sequential) ridge x mean diag added to the Gram and cross-Gram: pulls the fit
+    # towards the original weight where the calibration inputs are weak
     refine_iters: int = 0  # alternating closed-form refits of U and of V's kept values after the closed form
     # allocation cost "fisher": per-layer sensitivities from a backward pass (no weight update)
     sensitivity_samples: int = 16  # calibration windows (the first N) used to measure the sensitivities
@@ -139,6 +141,8 @@ class RocketConfig:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.ridge_rel < 0 or self.whitening_eps <= 0:
             raise ConfigError(f"ridge_rel={self.ridge_rel} must be >= 0 and whitening_eps={self.whitening_eps} > 0")
+        if self.sequential_damping < 0:
+            raise ConfigError(f"sequential_damping={self.sequential_damping}: must be >= 0 (e.g. 0.03)")
         if self.refine_iters < 0 or self.sensitivity_samples < 1:
             raise ConfigError(f"refine_iters={self.refine_iters} must be >= 0 and "
                               f"sensitivity_samples={self.sensitivity_samples} >= 1")

@@ -239,3 +239,17 @@ def test_config_and_cli_flags():
             config.sensitivity_samples) == (True, True, 3, "fisher", 4)
     args = build_parser().parse_args(["compress", "m", "--ratio", "0.5", "--out", "x", "--no-sequential"])
     assert _config_from_args(args).sequential is False
+def test_damping_is_least_squares_pulled_towards_the_original_weight():
+    from rocketlm.factorization.refit import damped_grams, upstream_corrected_weight
+    g = torch.Generator().manual_seed(2)
+    X_d = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    X_c = X_d + 0.5 * torch.randn(50, 8, generator=g, dtype=torch.float64)
+    W = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    A, K = damped_grams(X_c.T @ X_c, X_c.T @ X_d, 0.1)
+    lam = 0.1 * float((X_c.T @ X_c).diagonal().mean())
+    # the augmented least squares [X_c; sqrt(l) I] W' ~ [X_d W; sqrt(l) W]
+    X_aug = torch.cat([X_c, lam ** 0.5 * torch.eye(8, dtype=torch.float64)])
+    Y_aug = torch.cat([X_d @ W, lam ** 0.5 * W])
+    expected = torch.linalg.lstsq(X_aug, Y_aug).solution
+    assert torch.allclose(upstream_corrected_weight(W, whitening_factor(A), K), expected, atol=1e-9)
+    assert damped_grams(X_c.T @ X_c, None, 0.0)[1] is None

@@ -7,6 +7,8 @@ decides which statistics and which target each chosen layer is factored with:
   so far (:mod:`rocketlm.calibration.sequential`), not the dense model's Gram;
 * ``upstream_correction`` (needs ``sequential``): the target is the dense model's output ``X_d W`` rather
   than ``X_c W`` (:func:`rocketlm.factorization.refit.upstream_corrected_weight`);
+* ``sequential_damping``: the sequential Gram (and cross-Gram) damped towards the original weight
+  (:func:`rocketlm.factorization.refit.damped_grams`);
 * ``refine_iters``: alternating closed-form refits of ``U`` and of ``V``'s kept values
   (:func:`rocketlm.factorization.refit.alternating_refit`).
 
@@ -27,7 +29,8 @@ from rocketlm.calibration.store import GramStore
 from rocketlm.compression.modules import SparseDictionaryLinear, replace_module
 from rocketlm.config import RocketConfig
 from rocketlm.errors import ConfigError
-from rocketlm.factorization.refit import alternating_refit, upstream_corrected_weight, whitened_errors
+from rocketlm.factorization.refit import (alternating_refit, damped_grams, upstream_corrected_weight,
+                                         whitened_errors)
 from rocketlm.factorization.sparse_dictionary import factorize_candidate, layer_basis, whitening_factor
 from rocketlm.factorization.whitening import weight_matrix, whitened_layers
 from rocketlm.models.discovery import DecoderStructure
@@ -122,9 +125,10 @@ def compress_with_refits(model, structure: DecoderStructure, allocation: Allocat
             with tqdm(total=n_blocks, desc="sequential compression (blocks)", disable=not progress) as bar:
                 for stage in iterate_sequential_grams(model, structure, windows, config.calib_batch_size, by_name,
                                                       cross=config.upstream_correction, progress=bar):
-                    S = whitening_factor(stage.gram, config.whitening_eps)
+                    gram, cross = damped_grams(stage.gram, stage.cross, config.sequential_damping)
+                    S = whitening_factor(gram, config.whitening_eps)
                     for name in stage.layers:
-                        finals[name], record = _compress_layer(modules, name, by_name[name], S, stage.cross, config,
+                        finals[name], record = _compress_layer(modules, name, by_name[name], S, cross, config,
                                                                value_dtype)
                         replace_module(model, name, _PassLinear(finals[name]))
                         records.append(record)
@@ -148,7 +152,8 @@ def summarize(records: list[LayerRefit], config: RocketConfig) -> dict:
         return sum(getattr(r, field) for r in records) / len(records) if records else 0.0
 
     summary = {"sequential": config.sequential, "upstream_correction": config.upstream_correction,
-               "refine_iters": config.refine_iters, "layers": len(records)}
+               "sequential_damping": config.sequential_damping, "refine_iters": config.refine_iters,
+               "layers": len(records)}
     for field in ("planned_error_weight", "planned_error_output", "closed_form_error_output", "error_output",
                   "error_weight"):
         summary[f"mean_{field}"] = mean(field)

@@ -260,11 +260,12 @@ def factorize_candidate(basis: LayerBasis, k: int, s: int, ridge_rel: float = 0.
 @dataclass
 class ProductState:
     """The products of the candidate last evaluated along a sequence (for profiling: one ks over increasing
-    removed ratios): ``k``, the selection thresholds ``thr`` (d_out x 1, see :func:`_thresholds`), ``CT``
+    removed ratios): ``k``, ``s``, the selection thresholds ``thr`` (d_out x 1, see :func:`_thresholds`), ``CT``
     (``C^T``, d_out x k), ``P = B_rot C^T`` (r x k) and ``G0 = C C^T`` (k x k), all in the profile dtype (the
     sparse updates are a few percent of the products, so their rounding stays below the first candidate's)."""
 
     k: int
+    s: int
     thr: torch.Tensor
     CT: torch.Tensor
     P: torch.Tensor
@@ -289,13 +290,13 @@ def factorize_next(basis: LayerBasis, k: int, s: int, state: ProductState | None
         raise ValueError(f"invalid candidate k={k}, s={s} for a layer of rank {basis.rank}")
     if s >= k and ridge_rel == 0.0:
         return factorize_candidate(basis, k, s), state
-    thr = _thresholds(basis, k, s)
+    thr = _thresholds(basis, k, s) if state is None else _thresholds_near(basis, state, k, s)
     delta = None if state is None else _delta_entries(basis, state, k, thr)
     if delta is None or delta[0].numel() > _INCREMENTAL_MAX_SHARE * k * thr.shape[0]:
         CT = basis.Bt[:, :k] * (basis.position[:, :k] <= thr)
-        state = ProductState(k, thr, CT, *_products(basis.B_rotT, CT))
+        state = ProductState(k, s, thr, CT, *_products(basis.B_rotT, CT))
     else:
-        state = _step_products(basis, state, k, thr, delta)
+        state = _step_products(basis, state, k, s, thr, delta)
     result = _result(basis, k, s, *_refit_errors(basis, (state.P, state.G0), ridge_rel, False)[:2])
     if state.CT.dtype != torch.float64 and min(result.error_weight, result.error_output) < _REFINE_BELOW:
         P, G0 = _products(basis.B_rotT64, basis.Bt64[:, :k] * (basis.position[:, :k] <= thr))
@@ -331,19 +332,20 @@ def _delta_entries(basis: LayerBasis, state: ProductState, k: int,
     return torch.cat(atoms), torch.cat(cols), torch.cat(signs)
 
 
-def _step_products(basis: LayerBasis, state: ProductState, k: int, thr: torch.Tensor,
+def _step_products(basis: LayerBasis, state: ProductState, k: int, s: int, thr: torch.Tensor,
                    delta: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> ProductState:
-    """The state of the candidate ``(k, thr)`` from the previous ``state`` and the changed entries ``delta``.
+    """The state of candidate ``(k, s)`` (thresholds ``thr``) from the previous ``state`` (updated in place
+    where the shapes allow) and the changed entries ``delta``.
 
     ``C_new C_new^T - C_old C_old^T = X + X^T`` with ``X = Delta (C_old + Delta / 2)^T``: one sparse product
     for ``C C^T`` and one for ``B_rot C^T``, each costing (changed entries) x (k or r) multiply-adds."""
     atoms, cols, signs = delta
     d_out, k_old = state.CT.shape
     if k <= k_old:
-        CT, PT, G0 = state.CT[:, :k].contiguous(), state.P.T[:k], state.G0[:k, :k]
+        CT, P, G0 = state.CT[:, :k].contiguous(), state.P[:, :k], state.G0[:k, :k]
     else:
         CT = torch.cat([state.CT, state.CT.new_zeros(d_out, k - k_old)], dim=1)
-        PT = torch.cat([state.P.T, state.P.new_zeros(k - k_old, state.P.shape[0])])
+        P = torch.cat([state.P, state.P.new_zeros(state.P.shape[0], k - k_old)], dim=1)
         G0 = state.G0.new_zeros(k, k)
         G0[:k_old, :k_old] = state.G0
     keys = (atoms * d_out + cols).cpu().numpy()  # unique: sorting them puts the CSR rows (atoms) in order
@@ -359,7 +361,29 @@ def _step_products(basis: LayerBasis, state: ProductState, k: int, thr: torch.Te
     CT.index_put_((cols, atoms), half, accumulate=True)  # C_old + Delta / 2
     X = torch.sparse.mm(D, CT)
     CT.index_put_((cols, atoms), half, accumulate=True)  # C_new
-    return ProductState(k, thr, CT, (PT + torch.sparse.mm(D, basis.B_rotT)).T, G0 + X + X.T)
+    P.T.add_(torch.sparse.mm(D, basis.B_rotT))
+    return ProductState(k, s, thr, CT, P, G0.add_(X).add_(X.T))
+
+
+def _thresholds_near(basis: LayerBasis, state: ProductState, k: int, s: int) -> torch.Tensor:
+    """:func:`_thresholds` of ``(k, s)`` found near the state's: per column, the count ``c`` of atoms below ``k``
+    at positions up to the old threshold is the old ``s`` corrected for the atoms that left or entered the
+    dictionary, and the new threshold is searched in a window of positions around the old one. Falls back
+    to :func:`_thresholds` when a column's threshold lies outside the window."""
+    order, old = basis.order, state.thr
+    low, high = sorted((k, state.k))
+    moved = (basis.position[:, low:high] <= old).sum(dim=1, keepdim=True, dtype=torch.int32)
+    c = state.s - moved if k < state.k else state.s + moved
+    width = 4 * int((s - c).abs().max()) + 16
+    start = (old - width).clamp_min(-1)  # count(start) is known: positions <= start
+    pos = start + 1 + torch.arange(2 * width, dtype=start.dtype, device=start.device)  # d_out x 2 width
+    below = (order.gather(1, pos.clamp_max(order.shape[1] - 1).long()) < k) & (pos < order.shape[1])
+    cum = below.cumsum(dim=1, dtype=torch.int32)
+    at_start = c - cum.gather(1, (old - start - 1).long())  # count up to ``start``
+    count = at_start + cum
+    if bool((at_start >= s).any()) or bool((count[:, -1:] < s).any()):
+        return _thresholds(basis, k, s)
+    return (start + 1 + (count < s).sum(dim=1, keepdim=True, dtype=torch.int32)).to(torch.int32)
 
 
 def _result(basis: LayerBasis, k: int, s: int, err_w2: float, err_o2: float) -> Factorization:
