@@ -228,6 +228,22 @@ def test_damaged_checkpoints_are_checkpoint_errors(llama_saved, tmp_path):
         load_compressed(ckpt, verify=False)
 
 
+def test_missing_weights_and_foreign_directories_are_checkpoint_errors(llama_saved, tmp_path):
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(llama_saved.path, ckpt)
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_compressed(ckpt)
+    (ckpt / "rocketlm.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_compressed(ckpt)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="not a rocketlm checkpoint"):
+        load_compressed(empty)
+
+
 def test_mismatched_config_and_newer_formats_are_checkpoint_errors(llama_saved, tmp_path):
     import shutil
     ckpt = tmp_path / "ckpt"

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rocketlm.allocation.plan import Allocation
+from rocketlm.evaluation.perplexity import PerplexityResult
 from rocketlm.monitor import StageStats
 from rocketlm.pipeline import RunKeys
 
@@ -24,17 +25,11 @@ def run_name(seed: int, ratio: float, cost: str) -> str:
 
 
 @dataclass(frozen=True)
-class PerplexityEval:
-    """WikiText-2 perplexity plus the mean NLL of every unit of ``unit_windows`` windows (bootstrap units)."""
+class PerplexityEval(PerplexityResult):
+    """:class:`~rocketlm.evaluation.perplexity.PerplexityResult` plus the mean NLL of every unit of
+    ``unit_windows`` windows (the paired bootstrap's units)."""
 
-    perplexity: float
-    mean_nll: float
-    windows: int
-    total_windows: int
-    seq_len: int
-    tokens: int
-    seconds: float
-    unit_windows: int
+    unit_windows: int = 1
     unit_nll: tuple[float, ...] = ()
     unit_tokens: tuple[int, ...] = ()
 
