@@ -20,7 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from rocketlm.errors import ConfigError
-from rocketlm.estimation.describe import LayerShape, ModelDescription
+from rocketlm.estimation.describe import ModelDescription
 from rocketlm.estimation.probe_allocation import AllocationProbe, DiskProbe
 from rocketlm.estimation.probe_calibration import CalibrationProbe
 from rocketlm.estimation.probe_layers import LayerProbe

@@ -3,7 +3,6 @@ walking the decoder blocks in order with one block resident at a time."""
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from tqdm.auto import tqdm

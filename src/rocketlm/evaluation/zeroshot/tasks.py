@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from rocketlm.errors import ConfigError, MissingDependencyError
+from rocketlm.errors import ConfigError
 from .data import EXPECTED_COUNTS, MMLU_SUBJECTS
 
 PAPER_TASKS: tuple[str, ...] = ("piqa", "hellaswag", "lambada_openai", "arc_easy", "arc_challenge",
