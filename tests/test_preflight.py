@@ -77,3 +77,15 @@ def test_every_user_error_derives_from_rocket_error():
     classes = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
     assert len(classes) >= 12
     assert all(issubclass(c, errors.RocketError) for c in classes + [InfeasibleBudgetError])
+
+
+def test_one_process_options_are_refused_under_several_processes():
+    from rocketlm.config import RocketConfig
+    from rocketlm.errors import ConfigError
+    from rocketlm.preflight import check_processes
+    for options in ({"sequential": True}, {"refine_iters": 2}):
+        config = RocketConfig(removed_ratio=0.5, **options)
+        check_processes(config, world_size=1)
+        with pytest.raises(ConfigError, match="one process only"):
+            check_processes(config, world_size=2)
+    check_processes(RocketConfig(removed_ratio=0.5), world_size=2)

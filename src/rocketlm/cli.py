@@ -189,7 +189,8 @@ def _cmd_compress(args) -> int:
         hf_logging.disable_progress_bar()
     try:
         with dist.step("checking the inputs"):
-            check_compress_inputs(config, args.out, args.data, overwrite=args.overwrite)
+            check_compress_inputs(config, args.out, args.data, overwrite=args.overwrite,
+                                  world_size=dist.world_size)
         with dist.step("loading the model"):
             from rocketlm.offload.model import load_offloaded, resolve_offload
             if resolve_offload(config.offload, config.model, config.device) == "disk":

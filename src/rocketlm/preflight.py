@@ -71,10 +71,20 @@ def check_reachable(config: RocketConfig) -> None:
             f"--grid 'removed=0.05:{min(0.95, round(config.removed_ratio + 0.1, 2))}:0.05;ks=1.0:3.0:0.1'")
 
 
+def check_processes(config: RocketConfig, world_size: int) -> None:
+    """The refit stage (sequential calibration, upstream correction, refinement) runs in one process."""
+    from rocketlm.compression.sequential import uses_refit_stage
+    if world_size > 1 and uses_refit_stage(config):
+        raise ConfigError("--sequential / --upstream-correction / --refine-iters run in one process only; "
+                          "start rocketlm compress without torchrun for these options")
+
+
 def check_compress_inputs(config: RocketConfig, out_dir: str | os.PathLike | None, data_dir: str | None,
-                          overwrite: bool = False) -> None:
-    """Every check that needs no model: target reachable, calibration data present, output writable."""
+                          overwrite: bool = False, world_size: int = 1) -> None:
+    """Every check that needs no model: target reachable, options possible with this many processes,
+    calibration data present, output writable."""
     check_reachable(config)
+    check_processes(config, world_size)
     check_calibration_files(config, data_dir)
     if out_dir is not None:
         check_output_dir(out_dir, overwrite)
