@@ -30,9 +30,21 @@ def test_cli_compress_ppl_info_export_end_to_end(tiny_dir, data_dir, tmp_path, c
 
     assert main(["ppl", str(out), "--seq-len", "32", "--limit", "2", "--out", str(tmp_path / "ppl.json"), "-q"]) == 0
     compressed_ppl = json.loads((tmp_path / "ppl.json").read_text())["perplexity"]
-    assert main(["ppl", str(tiny_dir), "--seq-len", "32", "--limit", "2", "-q"]) == 0
+    assert main(["ppl", str(tiny_dir), "--seq-len", "32", "--limit", "2", "--out", str(tmp_path / "dense.json"),
+                 "-q"]) == 0
     assert "perplexity" in capsys.readouterr().out
-    assert compressed_ppl > 1
+    dense_ppl = json.loads((tmp_path / "dense.json").read_text())["perplexity"]
+    assert compressed_ppl > 1 and dense_ppl != compressed_ppl
+    # --with-dense: the dense model the checkpoint came from, on the same windows, then the checkpoint
+    assert main(["ppl", str(out), "--with-dense", "--seq-len", "32", "--limit", "2", "--out",
+                 str(tmp_path / "both.json"), "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "(dense)" in lines[0] and "(compressed)" in lines[1]
+    both = json.loads((tmp_path / "both.json").read_text())
+    assert [r["kind"] for r in both] == ["dense", "compressed"]
+    assert both[0]["perplexity"] == pytest.approx(dense_ppl) and both[1]["perplexity"] == pytest.approx(compressed_ppl)
+    assert main(["ppl", str(tiny_dir), "--with-dense", "-q"]) == 2
+    assert "needs a rocketlm checkpoint" in capsys.readouterr().err
 
     assert main(["info", str(out), "--layers"]) == 0
     table = capsys.readouterr().out

@@ -82,6 +82,8 @@ def _ppl_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--with-dense", action="store_true",
+                   help="for a checkpoint: also measure the dense model it was compressed from, on the same windows")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     _add_common(p)
 
@@ -235,16 +237,28 @@ def _load_any(model: str, device: str | None, runtime: str = "auto"):
 
 
 def _cmd_ppl(args) -> int:
+    from rocketlm.checkpoint.io import is_checkpoint, read_manifest
     from rocketlm.evaluation.perplexity import perplexity, token_windows, wikitext2_text
 
-    model, tokenizer = _load_any(args.model, args.device or "cpu", args.runtime)
-    windows = token_windows(tokenizer, wikitext2_text(args.data), args.seq_len)
-    result = perplexity(model, windows, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet)
-    print(f"WikiText-2 perplexity of {args.model}: {result.perplexity:.3f} "
-          f"({result.windows}/{result.total_windows} windows of {result.seq_len} tokens, {result.seconds:.0f} s)")
+    models = [args.model]
+    if args.with_dense:
+        if not is_checkpoint(args.model):
+            raise ConfigError(f"--with-dense needs a rocketlm checkpoint; {args.model} is a dense model already")
+        models.insert(0, read_manifest(args.model)["config"]["model"])
+    text, results = wikitext2_text(args.data), {}
+    for name in models:
+        model, tokenizer = _load_any(name, args.device or "cpu", args.runtime)
+        windows = token_windows(tokenizer, text, args.seq_len)
+        result = perplexity(model, windows, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet)
+        kind = "compressed" if is_checkpoint(name) else "dense"
+        print(f"WikiText-2 perplexity of {name} ({kind}): {result.perplexity:.3f} "
+              f"({result.windows}/{result.total_windows} windows of {result.seq_len} tokens, {result.seconds:.0f} s)")
+        results[name] = {"model": name, "kind": kind, **result.to_json()}
+        del model
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"model": args.model, **result.to_json()}, indent=2))
+        Path(args.out).write_text(json.dumps(results[args.model] if len(results) == 1 else list(results.values()),
+                                             indent=2))
     return 0
 
 
