@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +47,9 @@ def _rss_child(name: str, runtime: str) -> None:
     model, _, _ = _load(name, runtime)
     time_prefill(model, 512)
     time_decode(model, 128, 8)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak over fork + exec)
+    status = Path("/proc/self/status").read_text().split("VmHWM:")[1].split()
+    print(int(status[0]) * 1024)
 
 
 def _ppl(model, tokenizer, windows_limit: int) -> float:

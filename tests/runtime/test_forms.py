@@ -75,6 +75,9 @@ def test_choice_never_picks_a_form_slower_than_merged():
     assert choose_form([merged, FormTiming("factored", 0.6, 0.7), FormTiming("sparse", 0.5, 0.9)]) == "factored"
     assert choose_form([merged, FormTiming("factored", 0.9, 0.9), FormTiming("sparse", 0.5, 0.6)]) == "sparse"
     assert choose_form([merged]) == "merged"
+    # a tie with merged is not enough: a form must win by the margin at decode and at prefill
+    assert choose_form([merged, FormTiming("factored", 0.95, 0.5)]) == "merged"
+    assert choose_form([merged, FormTiming("factored", 0.95, 0.5)], margin=1.0) == "factored"
 
 
 def test_flops_and_bytes_rules():

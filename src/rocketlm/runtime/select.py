@@ -80,12 +80,21 @@ def measure_shape(d_in: int, d_out: int, k: int, s: int, dtype: torch.dtype, dev
     return timings
 
 
-def choose_form(timings: list[FormTiming]) -> str:
-    """The fastest form that is no slower than ``merged`` at decode and at prefill, else ``merged``."""
+# A form replaces ``merged`` only when its measured time is at most this share of merged's, at decode and at
+# prefill. With the bare "no slower than merged" rule, SmolLM2 at 20% removed ran 1-12% slower than dense
+# with 2 threads (bench/bench_inference.py); the likely cause is what per-layer timings miss inside the
+# model (one more activation written and read, one more thread fork/join per layer).
+FORM_MARGIN = 0.9
+
+
+def choose_form(timings: list[FormTiming], margin: float = FORM_MARGIN) -> str:
+    """The fastest form that takes at most ``margin`` x ``merged``'s time at decode and at prefill, else
+    ``merged``."""
     merged = next(t for t in timings if t.form == "merged")
     best, best_score = "merged", 2.0
     for t in timings:
-        if t.form == "merged" or t.decode_s > merged.decode_s or t.prefill_s > merged.prefill_s:
+        if (t.form == "merged" or t.decode_s > margin * merged.decode_s
+                or t.prefill_s > margin * merged.prefill_s):
             continue
         score = t.decode_s / merged.decode_s + t.prefill_s / merged.prefill_s
         if score < best_score:
