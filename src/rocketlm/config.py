@@ -102,9 +102,13 @@ class RocketConfig:
     ridge_rel: float = 0.0  # dictionary refit ridge relative to mean diag(C C^T); a singular C C^T gets >= 1e-9 anyway
     importance_power: float = 0.5  # importance = |C_ij| * ||S^-1 q_i||^power (reference compression step)
     profile_dtype: str = "float32"  # dtype of the per-candidate algebra (whitening and SVD are always float64)
-    ks_search: str = "auto"  # "auto": per (layer, removed ratio) only the candidates a descent over ks visits for
-    # every registered cost (exact best ks where the error is unimodal in ks, a full scan where it is not);
-    # "exhaustive": every candidate of the grid (studies of the candidates, flops-budget Pareto fronts)
+    ks_search: str = "exhaustive"  # "exhaustive": every candidate of the grid; "auto": per (layer, removed ratio)
+    # only the candidates a descent over ks visits for every registered cost (exact best ks where the error is
+    # unimodal in ks, a full scan where it is not). Exhaustive is the default because the search does not pay
+    # on SmolLM2-135M (bench/bench_profiling.py --compare, 2 threads, identical allocations at 20%/50% for both
+    # costs): it visits 88% of the full grid's candidates (weight, output and blend each want their own path)
+    # and loses the incremental products shared along one ks: full grid 280 s vs 302 s, reference grid
+    # (5 ks values) 94 s vs 76 s.
     # compression stage (rocketlm.compression.sequential): statistics and target each chosen layer is factored with
     sequential: bool = False  # factor each layer with the Gram of its input in the model compressed so far
     upstream_correction: bool = False  # (needs sequential) fit the dense model's outputs X_d W from compressed inputs

@@ -128,7 +128,7 @@ def test_profile_json_round_trip_keeps_the_search_mode():
 
 
 def test_config_validates_ks_search():
-    assert RocketConfig().ks_search == "auto"
+    assert RocketConfig().ks_search == "exhaustive"
     assert RocketConfig(ks_search="exhaustive").ks_search == "exhaustive"
     with pytest.raises(ConfigError, match="ks_search"):
         RocketConfig(ks_search="golden")
