@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from rocketlm import GridConfig, RocketConfig, load_model
-from rocketlm.runtime import convert_model
 from rocketlm.evaluation.perplexity import perplexity, token_windows, wikitext2_text
 from rocketlm.pipeline import compress
+from rocketlm.runtime import convert_model
 
 REFERENCE_GRID = "removed=0.05:0.70:0.05;ks=1,1.5,2,2.5,3"
 

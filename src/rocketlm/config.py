@@ -153,6 +153,9 @@ class RocketConfig:
         if self.upstream_correction and not self.sequential:
             raise ConfigError("upstream_correction needs sequential calibration (it fits the dense outputs from the "
                               "compressed model's inputs): set sequential=True (--sequential) as well")
+        if self.sequential_damping and not self.sequential:
+            raise ConfigError(f"sequential_damping={self.sequential_damping} damps the sequential Grams: set "
+                              "sequential=True (--sequential) as well, or drop it")
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"runtime={self.runtime!r}: choose one of {', '.join(RUNTIMES)}")
         if self.ks_search not in KS_SEARCHES:

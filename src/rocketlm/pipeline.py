@@ -106,9 +106,10 @@ def compress(model, tokenizer, config: RocketConfig, *, cache_dir: str | os.Path
         profiles = run_profiling(model, structure, grams, store, config, dtype, progress, dist)
     with stage("allocation", stats):
         if needs_sensitivity(config.cost):  # per-layer sensitivities for the "fisher" cost (one backward pass, cached)
-            sensitivities = dist.on_main(lambda: cached_sensitivities(model, structure, windows, config.sensitivity_samples,
-                                                                      cache, keys.calibration, progress),
-                                         "measuring the layer sensitivities")
+            sensitivities = dist.on_main(
+                lambda: cached_sensitivities(model, structure, windows, config.sensitivity_samples, cache,
+                                             keys.calibration, progress),
+                "measuring the layer sensitivities")
             attach_sensitivities(profiles, sensitivities)
         allocation = dist.on_main(lambda: allocate(profiles, config.removed_ratio, config.cost, config.budget_count,
                                                    config.alpha), "allocating")

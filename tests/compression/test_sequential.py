@@ -230,6 +230,11 @@ def test_config_and_cli_flags():
         RocketConfig(upstream_correction=True)
     with pytest.raises(ConfigError, match="refine_iters"):
         RocketConfig(refine_iters=-1)
+    with pytest.raises(ConfigError, match="sequential_damping=0.03 damps the sequential Grams"):
+        RocketConfig(sequential_damping=0.03)
+    with pytest.raises(ConfigError, match="sequential_damping"):
+        RocketConfig(sequential=True, sequential_damping=-0.1)
+    assert RocketConfig(sequential=True, sequential_damping=0.03).sequential_damping == 0.03
     from rocketlm.cli import _config_from_args, build_parser
     args = build_parser().parse_args(["compress", "m", "--ratio", "0.5", "--out", "x", "--sequential",
                                       "--upstream-correction", "--refine-iters", "3", "--cost", "fisher",

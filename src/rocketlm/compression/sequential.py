@@ -28,12 +28,12 @@ from rocketlm.calibration.sequential import iterate_sequential_grams
 from rocketlm.calibration.store import GramStore
 from rocketlm.compression.modules import SparseDictionaryLinear, replace_module
 from rocketlm.config import RocketConfig
-from rocketlm.errors import ConfigError
 from rocketlm.factorization.refit import (alternating_refit, damped_grams, upstream_corrected_weight,
                                          whitened_errors)
 from rocketlm.factorization.sparse_dictionary import factorize_candidate, layer_basis, whitening_factor
 from rocketlm.factorization.whitening import weight_matrix, whitened_layers
 from rocketlm.models.discovery import DecoderStructure
+from rocketlm.preflight import check_processes
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,7 @@ def compress_with_refits(model, structure: DecoderStructure, allocation: Allocat
                          progress: bool = True, dist=None) -> dict:
     """Factor and swap in every allocated layer as ``config`` asks (see the module docstring); returns a
     summary of planned vs shipped errors for the checkpoint's checks. One process only (``dist``)."""
-    if dist is not None and dist.distributed:
-        raise ConfigError("sequential / upstream_correction / refine_iters run in one process only; "
-                          "start rocketlm compress without torchrun for these options")
+    check_processes(config, dist.world_size if dist is not None else 1)
     modules = dict(model.named_modules())
     by_name = {c.name: c for c in allocation.choices if not c.dense}
     records: list[LayerRefit] = []

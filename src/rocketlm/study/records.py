@@ -29,7 +29,7 @@ class PerplexityEval(PerplexityResult):
     """:class:`~rocketlm.evaluation.perplexity.PerplexityResult` plus the mean NLL of every unit of
     ``unit_windows`` windows (the paired bootstrap's units)."""
 
-    unit_windows: int = 1
+    unit_windows: int
     unit_nll: tuple[float, ...] = ()
     unit_tokens: tuple[int, ...] = ()
 
