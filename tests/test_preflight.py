@@ -83,9 +83,10 @@ def test_one_process_options_are_refused_under_several_processes():
     from rocketlm.config import RocketConfig
     from rocketlm.errors import ConfigError
     from rocketlm.preflight import check_processes
-    for options in ({"sequential": True}, {"refine_iters": 2}):
+    for options in ({"sequential": True}, {"sequential": True, "upstream_correction": True}):
         config = RocketConfig(removed_ratio=0.5, **options)
         check_processes(config, world_size=1)
         with pytest.raises(ConfigError, match="one process only"):
             check_processes(config, world_size=2)
     check_processes(RocketConfig(removed_ratio=0.5), world_size=2)
+    check_processes(RocketConfig(removed_ratio=0.5, refine_iters=2, cost="fisher"), world_size=2)  # layer-parallel

@@ -166,9 +166,9 @@ class RocketConfig:
             raise ConfigError(f"save_dtype={self.save_dtype!r}: choose float32, float16 or bfloat16")
         if self.offload not in OFFLOAD_MODES:
             raise ConfigError(f"offload={self.offload!r}: choose one of {', '.join(OFFLOAD_MODES)}")
-        if self.offload == "disk" and (self.sequential or self.refine_iters or self.cost == "fisher"):
-            raise ConfigError("offload='disk' does not yet support sequential calibration, refine_iters or the "
-                              "'fisher' cost; drop them or use offload='none'")
+        if self.offload == "disk" and self.sequential:
+            raise ConfigError("offload='disk' does not yet support sequential calibration; drop it or use "
+                              "offload='none'")
         if isinstance(self.grid, dict):
             object.__setattr__(self, "grid", GridConfig(**self.grid))
         for name in ("targets", "ignore", "calib_files"):

@@ -72,10 +72,10 @@ def check_reachable(config: RocketConfig) -> None:
 
 
 def check_processes(config: RocketConfig, world_size: int) -> None:
-    """The refit stage (sequential calibration, upstream correction, refinement) runs in one process."""
+    """Sequential calibration (and the upstream correction it carries) runs in one process."""
     from rocketlm.compression.sequential import uses_refit_stage
     if world_size > 1 and uses_refit_stage(config):
-        raise ConfigError("--sequential / --upstream-correction / --refine-iters run in one process only; "
+        raise ConfigError("--sequential / --upstream-correction run in one process only; "
                           "start rocketlm compress without torchrun for these options")
 
 

@@ -19,7 +19,7 @@ from rocketlm.config import GridConfig, RocketConfig
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
 GRID = "removed=0.1,0.3,0.5,0.7;ks=1,2,3"
-ARGS = ["--ratio", "0.3", "--cost", "output", "--calib-samples", "8", "--seq-len", "32", "--calib-batch-size", "2",
+ARGS = ["--ratio", "0.3", "--cost", "fisher", "--refine-iters", "2", "--sensitivity-samples", "3", "--calib-samples", "8", "--seq-len", "32", "--calib-batch-size", "2",
         "--grid", GRID, "-q"]
 
 
@@ -49,7 +49,8 @@ def single(tiny_dir, tmp_path_factory):
 
 
 def _config(single_root: Path) -> RocketConfig:
-    return RocketConfig(model="tiny", removed_ratio=0.3, cost="output", calib_files=(str(single_root / "data/calib/a.txt"),),
+    return RocketConfig(model="tiny", removed_ratio=0.3, cost="fisher", refine_iters=2, sensitivity_samples=3,
+                        calib_files=(str(single_root / "data/calib/a.txt"),),
                         calib_samples=8, calib_seq_len=32, calib_batch_size=2, grid=GridConfig.parse(GRID))
 
 

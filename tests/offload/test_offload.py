@@ -37,11 +37,11 @@ def _tensors(path):
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
-def test_offloaded_and_in_memory_checkpoints_are_identical(arch, calib_file, tmp_path):
+@pytest.mark.parametrize("arch,cost,refine_iters", [("llama", "output", 0), ("qwen3", "fisher", 2), ("gemma3", "fisher", 2)])
+def test_offloaded_and_in_memory_checkpoints_are_identical(arch, cost, refine_iters, calib_file, tmp_path):
     path = _saved(arch, tmp_path)
-    config = RocketConfig(model=path, removed_ratio=0.3, cost="output", calib_files=(calib_file,), calib_samples=8,
-                          calib_seq_len=32, calib_batch_size=3, grid=GRID)
+    config = RocketConfig(model=path, removed_ratio=0.3, cost=cost, refine_iters=refine_iters, calib_files=(calib_file,),
+                          calib_samples=8, calib_seq_len=32, calib_batch_size=3, grid=GRID, sensitivity_samples=3)
     model, tok = load_model(path)
     ref = compress(model, tok, config, cache_dir=tmp_path / "cache-mem", progress=False)
     save_compressed(ref, tmp_path / "mem")

@@ -9,10 +9,12 @@ summed NLL with respect to the layer's output at token ``t``. A candidate with r
     sensitivity = 1/2 * (mean_t ||g_t||^2 / d_out) * mean_t ||y_t||^2.
 
 One forward and one backward pass over the first ``samples`` calibration windows measures every layer
-at once; the model's weights receive no gradient and are never changed.
+at once, block by block (so an offloaded model keeps one block resident); the model's weights receive no
+gradient and are never changed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -64,45 +66,152 @@ class _Recorder:
             handle.remove()
 
 
+class _Passthrough(torch.nn.Module):
+    """Stands in for a decoder block while only the head runs: returns its input, or ``result`` (the last
+    block's output), in the block's output type; keeps the attributes the decoder loop reads."""
+
+    def __init__(self, block: torch.nn.Module, result: torch.Tensor | None, as_tuple: bool):
+        super().__init__()
+        self.result, self.as_tuple = result, as_tuple
+        if hasattr(block, "attention_type"):
+            self.attention_type = block.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = hidden_states if self.result is None else self.result
+        return (out,) if self.as_tuple else out
+
+
+def _head_gradient(model, structure: DecoderStructure, last: torch.Tensor, ids: torch.Tensor, as_tuple: bool
+                   ) -> torch.Tensor:
+    """Gradient of the summed next-token NLL with respect to the last block's output ``last``:
+    the model's forward with every block replaced by a pass-through, so only the embedding, the final norm
+    and the head run (no block weight is read)."""
+    parent_name, _, attr = structure.blocks_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    blocks = getattr(parent, attr)
+    leaf = last.detach().requires_grad_(True)
+    n = len(blocks)
+    setattr(parent, attr, torch.nn.ModuleList(
+        [_Passthrough(block, leaf if i == n - 1 else None, as_tuple) for i, block in enumerate(blocks)]))
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits
+    finally:
+        setattr(parent, attr, blocks)
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                          reduction="sum")
+    nll.backward()
+    return leaf.grad
+
+
+class _Inputs:
+    """Every block's input for every batch: in memory, or spilled to ``spill_dir`` (one file per block)."""
+
+    def __init__(self, spill_dir: Path | None):
+        self.spill_dir, self.held = spill_dir, {}
+
+    def put(self, b: int, hidden: list[torch.Tensor]) -> None:
+        if self.spill_dir is None:
+            self.held[b] = [h.detach() for h in hidden]
+        else:
+            torch.save([h.detach().cpu() for h in hidden], self.spill_dir / f"sensitivity-inputs-{b:05d}.pt")
+
+    def take(self, b: int, device: torch.device) -> list[torch.Tensor]:
+        if self.spill_dir is None:
+            return self.held.pop(b)
+        path = self.spill_dir / f"sensitivity-inputs-{b:05d}.pt"
+        hidden = [h.to(device) for h in torch.load(path)]
+        path.unlink()
+        return hidden
+
+
 def measure_sensitivities(model, structure: DecoderStructure, windows: torch.Tensor, batch_size: int = 1,
-                          progress: bool = True) -> dict[str, LayerSensitivity]:
-    """Sensitivity of every target layer over ``windows`` (n x seq_len token ids); weights are left untouched."""
+                          progress: bool = True, hold=None, spill_dir: str | Path | None = None
+                          ) -> dict[str, LayerSensitivity]:
+    """Sensitivity of every target layer over ``windows`` (n x seq_len token ids); weights are left untouched.
+
+    Block by block (gradient checkpointing at block boundaries): one forward without gradients keeps every
+    block's input; the gradient at the last block's output comes from the head alone; then the blocks, last
+    to first, each re-run their forward with gradients and pass the gradient of their input back. Peak
+    memory: one block's activations for one batch, plus every block's inputs (in memory, or in
+    ``spill_dir``). ``hold(b)``: a context manager that keeps block ``b``'s weights resident while it runs
+    (an offloaded model: :meth:`rocketlm.offload.model.OffloadedModel.holding`).
+    """
+    from rocketlm.calibration.grams import block_kwargs, first_block_inputs
+
+    hold = hold or (lambda b: contextlib.nullcontext())
     modules = dict(model.named_modules())
-    recorder = _Recorder({name: modules[name] for name in structure.all_targets})
+    device = next(p for p in model.parameters() if p.device.type != "meta").device
+    batches = [windows[i: i + batch_size].to(device) for i in range(0, windows.shape[0], batch_size)]
+    kwargs_by_shape = {}
+    for ids in batches:
+        if ids.shape not in kwargs_by_shape:
+            kwargs_by_shape[ids.shape] = block_kwargs(model, structure, ids)
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    embed_hook = model.get_input_embeddings().register_forward_hook(
-        lambda module, args, out: out.detach().requires_grad_(True))
-    device = next(model.parameters()).device
-    tokens = 0
+    totals = {name: [0.0, 0.0, 0] for name in structure.all_targets}  # grad_sq, out_sq, d_out
+    inputs = _Inputs(Path(spill_dir) if spill_dir is not None else None)
+    n = len(structure.blocks)
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        with torch.enable_grad():
-            for i in tqdm(range(0, windows.shape[0], batch_size), desc="sensitivity (windows)", disable=not progress):
-                ids = windows[i: i + batch_size].to(device)
-                logits = model(input_ids=ids, use_cache=False).logits
-                nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                      ids[:, 1:].reshape(-1), reduction="sum")
-                nll.backward()
-                tokens += ids.numel()
+        hidden = first_block_inputs(model, structure, batches)
+        as_tuple = False
+        with torch.no_grad(), tqdm(total=2 * n, desc="sensitivity (blocks)", disable=not progress) as bar:
+            for b, (_, block) in enumerate(structure.blocks):
+                inputs.put(b, hidden)
+                with hold(b):
+                    outs = [block(h, **kwargs_by_shape[ids.shape][b]) for h, ids in zip(hidden, batches)]
+                as_tuple = isinstance(outs[0], (tuple, list))
+                hidden = [o[0] if as_tuple else o for o in outs]
+                bar.update(1)
+            with torch.enable_grad():
+                grads = [_head_gradient(model, structure, h, ids, as_tuple) for h, ids in zip(hidden, batches)]
+                del hidden
+                for b in reversed(range(n)):
+                    grads = _block_backward(structure, modules, b, inputs.take(b, device), grads, batches,
+                                            kwargs_by_shape, hold, totals)
+                    bar.update(1)
     finally:
-        embed_hook.remove()
-        recorder.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
-    return {name: LayerSensitivity(recorder.grad_sq[name] / tokens, recorder.out_sq[name] / tokens,
-                                   recorder.d_out[name]) for name in structure.all_targets}
+    tokens = windows.numel()
+    return {name: LayerSensitivity(g / tokens, o / tokens, d) for name, (g, o, d) in totals.items()}
+
+
+def _block_backward(structure: DecoderStructure, modules: dict, b: int, hidden: list[torch.Tensor],
+                    grads: list[torch.Tensor], batches: list[torch.Tensor], kwargs_by_shape: dict, hold,
+                    totals: dict) -> list[torch.Tensor]:
+    """Re-run block ``b`` with gradients on each batch's input, backpropagate the gradient at its output,
+    add its target layers' ``||g||^2`` and ``||y||^2`` to ``totals``; returns the gradients at its input."""
+    block = structure.blocks[b][1]
+    recorder = _Recorder({name: modules[name] for name in structure.targets[b]})
+    out_grads = []
+    try:
+        with hold(b):
+            for h, g, ids in zip(hidden, grads, batches):
+                leaf = h.detach().requires_grad_(True)
+                out = block(leaf, **kwargs_by_shape[ids.shape][b])
+                (out[0] if isinstance(out, (tuple, list)) else out).backward(g)
+                out_grads.append(leaf.grad)
+    finally:
+        recorder.remove()
+    for name in structure.targets[b]:
+        totals[name][0] += recorder.grad_sq[name]
+        totals[name][1] += recorder.out_sq[name]
+        totals[name][2] = recorder.d_out[name]
+    return out_grads
 
 
 def cached_sensitivities(model, structure: DecoderStructure, windows: torch.Tensor, samples: int, cache_dir: Path,
-                         calibration_key: str, progress: bool = True) -> dict[str, LayerSensitivity]:
+                         calibration_key: str, progress: bool = True, hold=None,
+                         spill_dir: Path | None = None) -> dict[str, LayerSensitivity]:
     """:func:`measure_sensitivities` on the first ``samples`` windows, cached under ``cache_dir/sensitivity``
     (keyed by the calibration key, which covers the model weights and the windows, and ``samples``)."""
     path = Path(cache_dir) / "sensitivity" / f"{stable_hash(calibration_key, samples)}.json"
     if path.is_file():
         data = json.loads(path.read_text())
         return {name: LayerSensitivity(**v) for name, v in data["layers"].items()}
-    result = measure_sensitivities(model, structure, windows[:samples], progress=progress)
+    result = measure_sensitivities(model, structure, windows[:samples], progress=progress, hold=hold,
+                                   spill_dir=spill_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"calibration": calibration_key, "samples": samples,
                              "layers": {name: asdict(v) for name, v in result.items()}})

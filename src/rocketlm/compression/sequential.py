@@ -28,10 +28,10 @@ from rocketlm.calibration.sequential import iterate_sequential_grams
 from rocketlm.calibration.store import GramStore
 from rocketlm.compression.modules import SparseDictionaryLinear, replace_module
 from rocketlm.config import RocketConfig
-from rocketlm.factorization.refit import (alternating_refit, damped_grams, upstream_corrected_weight,
-                                         whitened_errors)
+from rocketlm.compression.apply import refine
+from rocketlm.factorization.refit import damped_grams, upstream_corrected_weight, whitened_errors
 from rocketlm.factorization.sparse_dictionary import factorize_candidate, layer_basis, whitening_factor
-from rocketlm.factorization.whitening import weight_matrix, whitened_layers
+from rocketlm.factorization.whitening import weight_matrix
 from rocketlm.models.discovery import DecoderStructure
 from rocketlm.preflight import check_processes
 
@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 
 def uses_refit_stage(config: RocketConfig) -> bool:
-    """Whether the compression stage must run here instead of :func:`apply_allocation`."""
-    return bool(config.sequential or config.upstream_correction or config.refine_iters)
+    """Whether the compression stage must run here instead of :func:`apply_allocation` (which refines too:
+    ``refine_iters`` alone runs there, layer-parallel and offloaded like the closed form)."""
+    return bool(config.sequential or config.upstream_correction)
 
 
 @dataclass
@@ -73,10 +74,7 @@ def refit_factors(W: torch.Tensor, S: torch.Tensor, cross: torch.Tensor | None, 
     basis = layer_basis(target, S, importance_power=config.importance_power,
                         dtype=getattr(torch, config.profile_dtype))
     fact = factorize_candidate(basis, k, s, ridge_rel=config.ridge_rel, with_factors=True)
-    U, V = fact.U, fact.V
-    if config.refine_iters and s < k:  # without sparsity the closed form is the truncated SVD: already optimal
-        refined = alternating_refit(target, S, U, V, fact.mask, config.refine_iters)
-        U, V = refined.U, refined.V
+    U, V, _ = refine(target, S, fact, k, s, config.refine_iters)
     return RefitFactors(U, V, fact.mask, target, fact.error_output)
 
 
@@ -116,32 +114,22 @@ def compress_with_refits(model, structure: DecoderStructure, allocation: Allocat
     modules = dict(model.named_modules())
     by_name = {c.name: c for c in allocation.choices if not c.dense}
     records: list[LayerRefit] = []
-    if config.sequential:
-        finals: dict[str, SparseDictionaryLinear] = {}
-        n_blocks = 1 + max((b for b, names in enumerate(structure.targets) if by_name.keys() & set(names)), default=-1)
-        try:
-            with tqdm(total=n_blocks, desc="sequential compression (blocks)", disable=not progress) as bar:
-                for stage in iterate_sequential_grams(model, structure, windows, config.calib_batch_size, by_name,
-                                                      cross=config.upstream_correction, progress=bar):
-                    gram, cross = damped_grams(stage.gram, stage.cross, config.sequential_damping)
-                    S = whitening_factor(gram, config.whitening_eps)
-                    for name in stage.layers:
-                        finals[name], record = _compress_layer(modules, name, by_name[name], S, cross, config,
-                                                               value_dtype)
-                        replace_module(model, name, _PassLinear(finals[name]))
-                        records.append(record)
-        finally:  # the model never keeps a pass-time module
-            for name, module in finals.items():
-                replace_module(model, name, module)
-    else:
-        device = next(model.parameters()).device
-        with tqdm(total=len(by_name), desc="compression (layers)", disable=not progress) as bar:
-            for name, S, _ in whitened_layers(structure, grams_store, by_name.__contains__, config.whitening_eps,
-                                              device):
-                module, record = _compress_layer(modules, name, by_name[name], S, None, config, value_dtype)
-                replace_module(model, name, module)
-                records.append(record)
-                bar.update(1)
+    finals: dict[str, SparseDictionaryLinear] = {}
+    n_blocks = 1 + max((b for b, names in enumerate(structure.targets) if by_name.keys() & set(names)), default=-1)
+    try:
+        with tqdm(total=n_blocks, desc="sequential compression (blocks)", disable=not progress) as bar:
+            for stage in iterate_sequential_grams(model, structure, windows, config.calib_batch_size, by_name,
+                                                  cross=config.upstream_correction, progress=bar):
+                gram, cross = damped_grams(stage.gram, stage.cross, config.sequential_damping)
+                S = whitening_factor(gram, config.whitening_eps)
+                for name in stage.layers:
+                    finals[name], record = _compress_layer(modules, name, by_name[name], S, cross, config,
+                                                           value_dtype)
+                    replace_module(model, name, _PassLinear(finals[name]))
+                    records.append(record)
+    finally:  # the model never keeps a pass-time module
+        for name, module in finals.items():
+            replace_module(model, name, module)
     return summarize(records, config)
 
 

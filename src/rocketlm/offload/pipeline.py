@@ -7,9 +7,11 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
+from rocketlm.allocation.costs import needs_sensitivity
 from rocketlm.allocation.plan import allocate
 from rocketlm.calibration.grams import iterate_block_grams
 from rocketlm.calibration.run import calibration_windows
+from rocketlm.calibration.sensitivity import attach_sensitivities, cached_sensitivities
 from rocketlm.calibration.store import GramStore
 from rocketlm.compression.apply import apply_allocation
 from rocketlm.config import RocketConfig
@@ -23,16 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def check_offload_supported(config: RocketConfig, dist=None) -> None:
-    from rocketlm.allocation.costs import needs_sensitivity
     from rocketlm.compression.sequential import uses_refit_stage
     if dist is not None and dist.distributed:
         raise ConfigError("--offload disk runs in one process; drop torchrun or the offload")
     if uses_refit_stage(config):
-        raise ConfigError("--offload disk does not yet support --sequential, --upstream-correction or "
-                          "--refine-iters; drop them or run in memory")
-    if needs_sensitivity(config.cost):
-        raise ConfigError(f"--offload disk does not yet support the {config.cost!r} cost (it needs a backward "
-                          "pass through the whole model); choose another --cost or run in memory")
+        raise ConfigError("--offload disk does not yet support --sequential or --upstream-correction; "
+                          "drop them or run in memory")
 
 
 def calibrate_offloaded(off: OffloadedModel, structure: DecoderStructure, windows: torch.Tensor,
@@ -114,6 +112,10 @@ def compress_offloaded(model, tokenizer, config: RocketConfig, *, cache_dir=None
         store = open_profile_store(cache, keys.profile, {"calibration": keys.calibration, "grid": config.grid})
         profiles = profile_offloaded(off, structure, grams, store, config, dtype, progress)
     with stage("allocation", stats):
+        if needs_sensitivity(config.cost):  # block by block, one block resident, block inputs spilled to disk
+            attach_sensitivities(profiles, cached_sensitivities(
+                off.model, structure, windows, config.sensitivity_samples, cache, keys.calibration, progress,
+                hold=off.holding, spill_dir=off.work_dir))
         allocation = allocate(profiles, config.removed_ratio, config.cost, config.budget_count, config.alpha)
     log.info("allocation: %s cost, removed %.2f%% (target %.2f%%)", config.cost,
              100 * allocation.achieved_removed_ratio, 100 * config.removed_ratio)

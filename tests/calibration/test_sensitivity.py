@@ -1,0 +1,57 @@
+"""Block-by-block sensitivities (the ``fisher`` cost's) against one full backward pass through the model."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ARCHS, make_tiny_model
+from rocketlm.calibration.sensitivity import measure_sensitivities
+from rocketlm.models.discovery import decoder_structure
+
+
+def full_backward(model, structure, windows):
+    """Every target layer's mean ||g_t||^2 and ||y_t||^2 from autograd over the whole model, one window at a time."""
+    modules = dict(model.named_modules())
+    grad_sq = {name: 0.0 for name in structure.all_targets}
+    out_sq = dict(grad_sq)
+    for ids in windows.split(1):
+        outs = {}
+        handles = [modules[name].register_forward_hook(lambda m, a, o, name=name: outs.__setitem__(name, o))
+                   for name in structure.all_targets]
+        logits = model(input_ids=ids, use_cache=False).logits
+        for handle in handles:
+            handle.remove()
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        grads = torch.autograd.grad(nll, [outs[name] for name in structure.all_targets])
+        for name, g in zip(structure.all_targets, grads):
+            grad_sq[name] += float(g.double().square().sum())
+            out_sq[name] += float(outs[name].detach().double().square().sum())
+    tokens = windows.numel()
+    return {name: (grad_sq[name] / tokens, out_sq[name] / tokens) for name in structure.all_targets}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_blockwise_sensitivities_equal_a_full_backward(arch, tmp_path):
+    model = make_tiny_model(arch)
+    structure = decoder_structure(model)
+    windows = torch.randint(0, 500, (3, 20), generator=torch.Generator().manual_seed(1))
+    expected = full_backward(model, structure, windows)
+    held = []
+
+    @contextlib.contextmanager
+    def hold(b):
+        held.append(b)
+        yield
+
+    for spill in (None, tmp_path):
+        held.clear()
+        got = measure_sensitivities(model, structure, windows, progress=False, hold=hold, spill_dir=spill)
+        for name, (grad_sq, out_sq) in expected.items():
+            assert got[name].grad_sq == pytest.approx(grad_sq, rel=1e-5), name
+            assert got[name].out_sq == pytest.approx(out_sq, rel=1e-6), name
+        n = len(structure.blocks)
+        assert held == list(range(n)) + list(reversed(range(n)))  # forward walk, then backward walk
+    assert not list(tmp_path.iterdir())  # spilled inputs are removed once read back
