@@ -81,7 +81,8 @@ class RocketConfig:
     # what to compress and how much
     model: str = "smollm2-135m"
     removed_ratio: float = 0.5
-    cost: str = "output"
+    cost: str = "fisher"  # predicted loss increase (bench/bench_quality.py: best PPL at 20% and 50% of weight,
+    # output, blend and fisher on SmolLM2-135M); "weight" = ROCKET, "output" = ROCKET-ActCost
     budget_count: str = "values"  # "values" (as in the paper), "bytes" (values + index bitmap on disk) or "flops"
     # (multiply-adds per token of the form the layer runs in on CPU: the cheaper of factored and merged)
     alpha: float | str | None = "auto"  # reference's error cap: drop candidates with error > alpha * mean error at
@@ -114,7 +115,8 @@ class RocketConfig:
     upstream_correction: bool = False  # (needs sequential) fit the dense model's outputs X_d W from compressed inputs
     sequential_damping: float = 0.0  # (sequential) ridge x mean diag added to the Gram and cross-Gram: pulls the fit
     # towards the original weight where the calibration inputs are weak
-    refine_iters: int = 0  # alternating closed-form refits of U and of V's kept values after the closed form
+    refine_iters: int = 3  # alternating closed-form refits of U and of V's kept values after the closed form
+    # (each an exact least-squares solve: the output error never grows; 0 ships the closed form as profiled)
     # allocation cost "fisher": per-layer sensitivities from a backward pass (no weight update)
     sensitivity_samples: int = 16  # calibration windows (the first N) used to measure the sensitivities
     # runtime

@@ -43,6 +43,13 @@ def test_estimate_tiny_config_without_weights(config_dir):
     assert sorted(map(tuple, summary["shapes"])) == [(64, 32), (64, 64), (64, 128), (128, 64)]
     assert result.gram_cache_bytes == 2 * 8 * (3 * 64 * 64 + 128 * 128)
     json.dumps(result.to_json(), default=str)  # serialisable
+    # the default "fisher" cost: its sensitivities (block inputs of min(16, 6) windows) belong to the allocation
+    allocation = result.stage("allocation")
+    assert [c.name for c in allocation.components][:2] == ["sensitivity: block forwards, then forward + backward per block",
+                                                          "sensitivity: head forward + backward"]
+    assert allocation.memory["sensitivity block inputs"] == 2 * 6 * 32 * 64 * 4  # blocks x windows x seq x hidden x 4
+    weight = estimate(str(config_dir), _config().replace(cost="weight"), EstimateOptions(repeats=1))
+    assert not any(c.name.startswith("sensitivity") for c in weight.stage("allocation").components)
 
 
 def test_estimate_from_config_json_file_and_processes(config_dir):

@@ -95,7 +95,8 @@ def _value_dtype(config: RocketConfig, d: ModelDescription) -> str:
 def _probe_layers(d: ModelDescription, config: RocketConfig, options: EstimateOptions
                   ) -> tuple[dict[tuple[int, int], LayerProbe], dict[int, float]]:
     settings = LayerSettings(config.grid, config.removed_ratio, config.ridge_rel, config.importance_power,
-                             config.profile_dtype, _value_dtype(config, d), getattr(config, "ks_search", None))
+                             config.profile_dtype, _value_dtype(config, d), getattr(config, "ks_search", None),
+                             config.refine_iters)
     probes = {shape: probe_layer(*shape, settings, options.max_probe_dim, options.probe_seconds,
                                  repeats=options.repeats, device=config.device)
               for shape in d.shapes()}
@@ -103,6 +104,11 @@ def _probe_layers(d: ModelDescription, config: RocketConfig, options: EstimateOp
     widths = sorted({d_in for _, d_in in d.groups().values()})
     whiten = {w: probe_whitening(w, tokens, options.max_probe_dim, options.repeats, config.device) for w in widths}
     return probes, whiten
+
+
+def _sensitivity_windows(config: RocketConfig) -> int:
+    from rocketlm.allocation.costs import needs_sensitivity
+    return min(config.sensitivity_samples, config.calib_samples) if needs_sensitivity(config.cost) else 0
 
 
 def _run_shape(config: RocketConfig, options: EstimateOptions, baseline: int) -> RunShape:
@@ -135,7 +141,7 @@ def _estimate(model: str, config: RocketConfig, options: EstimateOptions) -> Cos
     disk = probe_disk(options.cache_dir, max(map(d.block_gram_bytes, range(d.n_blocks))))
     stages = [project_calibration(d, calibration, run, disk, prelude),
               project_profiling(d, layer_probes, whiten, run, disk, config.profile_dtype, allocation.profile_bytes),
-              project_allocation(d, allocation, run),
+              project_allocation(d, allocation, run, calibration, _sensitivity_windows(config)),
               project_compression(d, layer_probes, whiten, run, disk, config.removed_ratio, value_bytes,
                                   allocation)]
     dtypes = {d.dtype, "float64", config.profile_dtype, calibration.gram_dtype}
@@ -176,8 +182,8 @@ def _notes(options: EstimateOptions, data_timed: bool) -> list[str]:
     return notes
 
 
-# Options of a run whose cost the estimate does not model (a second calibration pass, refits, offloading).
-UNMODELLED = ("sequential", "upstream_correction", "refine_iters", "sensitivity_samples", "offload")
+# Options of a run whose cost the estimate does not model (a second calibration pass, offloading).
+UNMODELLED = ("sequential", "upstream_correction", "offload")
 
 
 def _unmodelled(config: RocketConfig) -> list[str]:

@@ -48,8 +48,10 @@ def synthetic_profiles(description: ModelDescription, grid: GridConfig, value_by
             on_disk = kept_bytes(layer.d_in, layer.d_out, k, s, value_bytes)
             candidates.append(Candidate(removed, ks, k, s, values, on_disk, min(error, 1.0),
                                         min(error * float(rng.lognormal(0.0, 0.3)), 1.0)))
-        profiles.append(LayerProfile(layer.name, layer.d_in, layer.d_out, dense, dense * value_bytes, layer.group,
-                                     candidates))
+        profile = LayerProfile(layer.name, layer.d_in, layer.d_out, dense, dense * value_bytes, layer.group,
+                               candidates)
+        profile.sensitivity = float(rng.lognormal(0.0, 1.0))  # what the "fisher" cost reads
+        profiles.append(profile)
     return profiles
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rocketlm.compression.apply import refine
 from rocketlm.compression.modules import SparseDictionaryLinear
 from rocketlm.config import GridConfig
 from rocketlm.estimation.timing import measure
@@ -67,6 +68,7 @@ class LayerSettings:
     profile_dtype: str = "float32"
     value_dtype: str = "float32"
     ks_search: str | None = None  # passed to profile_layer when set (and when it takes it)
+    refine_iters: int = 0  # alternating refits after the closed form, timed with the compression
 
 
 def scaled_dims(d_in: int, d_out: int, max_dim: int) -> tuple[int, int]:
@@ -156,10 +158,12 @@ def choose_probe(d_in: int, d_out: int, settings: LayerSettings, max_dim: int, b
     return dims, seconds, count, inputs
 
 
-def _compress_one(basis, W, S, k: int, s: int, ridge_rel: float, value_dtype: torch.dtype) -> None:
+def _compress_one(basis, W, S, k: int, s: int, ridge_rel: float, value_dtype: torch.dtype,
+                  refine_iters: int = 0) -> None:
     """What compression does for one layer after its basis (apply_allocation's body)."""
     fact = factorize_candidate(basis, k, s, ridge_rel=ridge_rel, with_factors=True)
-    module = SparseDictionaryLinear.from_factors(fact.U, fact.V, fact.mask, s, None, value_dtype)
+    U, V, _ = refine(W, S, fact, k, s, refine_iters)
+    module = SparseDictionaryLinear.from_factors(U, V, fact.mask, s, None, value_dtype)
     direct_errors(W, S, module.U.double() @ module.dense_V().double())
 
 
@@ -183,8 +187,8 @@ def probe_layer(d_in: int, d_out: int, settings: LayerSettings, max_dim: int = 4
     compress_s, chosen = 0.0, _compress_shape(p_in, p_out, settings.grid, settings.removed_ratio)
     if chosen is not None:
         basis, value_dtype = basis_of(W), getattr(torch, settings.value_dtype)
-        compress_s = measure(lambda: _compress_one(basis, W, S, *chosen, settings.ridge_rel, value_dtype), repeats,
-                             device)
+        compress_s = measure(lambda: _compress_one(basis, W, S, *chosen, settings.ridge_rel, value_dtype,
+                                                   settings.refine_iters), repeats, device)
     probe = LayerProbe(d_in, d_out, p_in, p_out, profile_s * f3, count, basis_s * f3, compress_s * f3)
     log.info("layer %dx%d (timed at %dx%d): profile_layer %.3g s (%d candidates), basis %.3g s, compression %.3g s",
              d_in, d_out, p_in, p_out, probe.profile_s, count, probe.basis_s, probe.compress_s)

@@ -253,8 +253,33 @@ def _every_layer(d: ModelDescription, probes: dict[tuple[int, int], LayerProbe])
                                    + probes[(layer.d_in, layer.d_out)].compress_s, None)] for layer in d.layers}
 
 
-def project_allocation(d: ModelDescription, probe: AllocationProbe, run: RunShape) -> StageEstimate:
+def sensitivity_components(d: ModelDescription, model: CalibrationModel, windows: int) -> list[Component]:
+    """The ``fisher`` cost's sensitivities on ``windows`` windows, one at a time
+    (:func:`rocketlm.calibration.sensitivity.measure_sensitivities`): a forward without gradients, then per
+    block a forward with gradients and its backward (about twice a forward), and the head forward and backward
+    (three vocabulary-wide products) per window."""
+    blocks = d.n_blocks * model.forward(1) * windows
+    return [Component("sensitivity: block forwards, then forward + backward per block", 4.0 * blocks, d.dtype),
+            Component("sensitivity: head forward + backward", 3.0 * model.head(1) * windows, d.dtype)]
+
+
+def sensitivity_memory(d: ModelDescription, run: RunShape, windows: int) -> dict[str, int]:
+    """Every block's input of the sensitivity windows (in memory; spilled to disk when offloaded) and one
+    window's logits with their gradient."""
+    return {"sensitivity block inputs": d.n_blocks * windows * run.seq_len * d.hidden_size * d.dtype_bytes,
+            "sensitivity logits and gradient": 3 * run.seq_len * d.vocab_size * 4}
+
+
+def project_allocation(d: ModelDescription, probe: AllocationProbe, run: RunShape,
+                       calibration: CalibrationProbe | None = None, sensitivity_windows: int = 0) -> StageEstimate:
+    """The knapsack, and with ``sensitivity_windows`` (the ``fisher`` cost) the sensitivities it needs,
+    timed from the ``calibration`` probe; they run on rank 0 only."""
     memory = {"process": run.baseline_bytes, "weights": d.n_params * d.dtype_bytes, "profiles": probe.profile_bytes}
-    notes = (f"allocate() on synthetic profiles: {len(d.layers)} layers, {probe.candidates} candidates",)
-    return StageEstimate("allocation", probe.seconds, sum(memory.values()),
-                         (Component("knapsack (allocate)", probe.seconds, None),), memory, notes)
+    parts = [Component("knapsack (allocate)", probe.seconds, None)]
+    notes = [f"allocate() on synthetic profiles: {len(d.layers)} layers, {probe.candidates} candidates"]
+    if sensitivity_windows and calibration is not None:
+        parts = sensitivity_components(d, CalibrationModel(d, calibration, run.seq_len), sensitivity_windows) + parts
+        memory.update(sensitivity_memory(d, run, sensitivity_windows))
+        notes.append(f"layer sensitivities on {sensitivity_windows} windows of {run.seq_len} tokens (rank 0)")
+    return StageEstimate("allocation", sum(c.seconds for c in parts), sum(memory.values()), tuple(parts), memory,
+                         tuple(notes))
