@@ -31,7 +31,7 @@ def dense_ppl(windows):
     return perplexity(model, windows, limit=PPL_WINDOWS, progress=False).perplexity
 
 
-@pytest.mark.parametrize("cost", ["weight", "output"])
+@pytest.mark.parametrize("cost", ["weight", "fisher"])  # fisher: the default (with 3 refits)
 def test_smollm2_compress_reload_and_perplexity(cost, windows, dense_ppl, tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "shared-cache"  # both costs share one calibration + profile
     model, tok = load_model("smollm2-135m")
