@@ -35,6 +35,16 @@ class GramStore:
         metadata = {"group_of": json.dumps(grams.group_of), "tokens": str(grams.tokens)}
         write_atomic(self._path(block), lambda p: save_file(tensors, str(p), metadata=metadata))
 
+    def group_of(self, block: int) -> dict[str, str]:
+        """Which Gram group each target layer of ``block`` reads (from the file's header only)."""
+        with safe_open(str(self._path(block)), framework="pt") as handle:
+            return json.loads(handle.metadata()["group_of"])
+
+    def get_group(self, block: int, group: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """One Gram of ``block`` (the others stay on disk)."""
+        with safe_open(str(self._path(block)), framework="pt", device=str(device)) as handle:
+            return handle.get_tensor(group)
+
     def get(self, block: int, device: str | torch.device = "cpu") -> BlockGrams:
         with safe_open(str(self._path(block)), framework="pt", device=str(device)) as handle:
             meta = handle.metadata()

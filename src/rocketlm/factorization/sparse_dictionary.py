@@ -63,14 +63,16 @@ def whitening_factor(A: torch.Tensor, eps: float = 7e-6) -> torch.Tensor:
     A = A.to(torch.float64)
     if not torch.isfinite(A).all():
         raise WhiteningError("Gram matrix contains NaN/Inf values")
-    A = 0.5 * (A + A.T)
-    L, info = torch.linalg.cholesky_ex(A)
+    # at most two d_in x d_in temporaries beside the caller's Gram (the widest layer's whitening sets the
+    # peak memory of an offloaded run): the symmetrised copy, shifted in place, and the factor
+    A = (A + A.T).mul_(0.5)
+    S, info = torch.linalg.cholesky_ex(A, upper=True)
     if info.item() != 0:
+        del S
         lam_min = torch.linalg.eigvalsh(A)[0].item()
-        shift = eps - lam_min if lam_min < eps else eps
-        A = A + shift * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-        L = torch.linalg.cholesky(A)
-    return L.T.contiguous()
+        A.diagonal().add_(eps - lam_min if lam_min < eps else eps)
+        S = torch.linalg.cholesky(A, upper=True)
+    return S
 
 
 @dataclass
