@@ -37,6 +37,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", help="candidate grid, e.g. 'removed=0.05:0.70:0.05;ks=1.0:3.0:0.5' [the reference grid]")
     p.add_argument("--profile-dtype", choices=("float32", "float64"), help="dtype of the per-candidate algebra")
     p.add_argument("--ks-search", choices=("auto", "exhaustive"), help="candidates profiled per (layer, ratio)")
+    p.add_argument("--refine-iters", type=int, help=f"alternating refits per compressed layer [{d.refine_iters}]")
+    p.add_argument("--sensitivity-samples", type=int,
+                   help=f"windows of the fisher cost's sensitivity pass [{d.sensitivity_samples}]")
     p.add_argument("--dtype", help="dtype the model would be loaded in [its config's]")
     p.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"), help="dtype of the saved tensors")
     p.add_argument("--device", help="device to time on, e.g. cpu, cuda [cpu]")
@@ -51,8 +54,6 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     # accepted as in compress, not modelled (the output says so when one is set)
     for flag in ("--sequential", "--upstream-correction"):
         p.add_argument(flag, action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
-    for flag in ("--refine-iters", "--sensitivity-samples"):
-        p.add_argument(flag, type=int, help=argparse.SUPPRESS)
     p.add_argument("--offload", help=argparse.SUPPRESS)
     p.add_argument("--overwrite", action="store_true", help=argparse.SUPPRESS)
 
