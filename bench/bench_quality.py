@@ -5,7 +5,7 @@ removed 0.05..0.70 x ks {1, 1.5, 2, 2.5, 3}; the dense Grams and profiles come f
 WikiText-2 perplexity on the first --ppl-limit windows of 2048 tokens. One JSON line per variant is
 appended to --out (a rerun skips the variants already there), with every stage's seconds.
 
-Variants are '+'-joined tokens: ``base`` (today's pipeline), ``seq`` (sequential calibration), ``corr``
+Variants are '+'-joined tokens over ``--cost`` with no refits: ``base`` (the closed form, ROCKET's), ``seq`` (sequential calibration), ``corr``
 (upstream correction), ``dampX`` (sequential damping X), ``refineN`` (N alternating refits), ``cost=NAME`` (allocation cost), ``alpha=A``.
 
     OMP_NUM_THREADS=2 python bench/bench_quality.py --ratio 0.5 --cost weight \\
@@ -55,7 +55,7 @@ def variant_options(variant: str) -> dict:
 def run_variant(variant: str, args, windows: torch.Tensor) -> dict:
     config = RocketConfig(removed_ratio=args.ratio, cost=args.cost, calib_samples=args.calib_samples,
                           calib_seq_len=args.seq_len, seed=args.seed, grid=GridConfig.parse(args.grid),
-                          ks_search=args.ks_search)
+                          ks_search=args.ks_search, refine_iters=0)  # variants add to the closed form
     config = config.replace(**variant_options(variant))
     model, tokenizer = load_model("smollm2-135m")
     start = time.perf_counter()
