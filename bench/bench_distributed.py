@@ -35,8 +35,10 @@ def _command(procs: int, args, out: Path, cache: Path) -> list[str]:
     launcher = [sys.executable, "-m", "rocketlm"] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
         "--master-port", str(_free_port()), "-m", "rocketlm"]
-    cmd = [*launcher, "compress", args.model, "--ratio", str(args.ratio), "--cost", args.cost, "--out", str(out),
+    cmd = [*launcher, "compress", args.model, "--ratio", str(args.ratio), "--out", str(out),
            "--cache-dir", str(cache), "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len), "-q"]
+    if args.cost:
+        cmd += ["--cost", args.cost]
     if args.grid:
         cmd += ["--grid", args.grid]
     if args.data:
@@ -62,7 +64,7 @@ def run_once(procs: int, args, work: Path) -> dict:
 def report(runs: list[dict], args) -> None:
     base = runs[0]
     print(f"{args.model}: {args.calib_samples} x {args.seq_len} calibration, grid {args.grid or 'default'}, "
-          f"ratio {args.ratio}, cost {args.cost}, {args.threads} thread(s) per process, {os.cpu_count()} CPUs")
+          f"ratio {args.ratio}, cost {args.cost or 'default'}, {args.threads} thread(s) per process, {os.cpu_count()} CPUs")
     header = f"{'stage':<14}" + "".join(f"{str(r['procs']) + ' proc':>12}" for r in runs)
     header += "".join(f"{'x' + str(r['procs']):>8}" for r in runs[1:])
     print(header)
@@ -84,7 +86,7 @@ def main() -> None:
     p.add_argument("--procs", default="1,2", help="comma list of process counts [1,2]")
     p.add_argument("--threads", type=int, default=1, help="threads per process [1]")
     p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--cost", default="output")
+    p.add_argument("--cost", default=None, help="as rocketlm compress --cost [the compress default]")
     p.add_argument("--calib-samples", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--grid", default=None, help="as rocketlm compress --grid [the default grid]")

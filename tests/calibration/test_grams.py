@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from rocketlm.calibration.grams import CalibrationError, iterate_block_grams
+from rocketlm.calibration.grams import CalibrationError, block_kwargs, iterate_block_grams
 from rocketlm.models.discovery import decoder_structure
 
 
@@ -47,6 +47,23 @@ def test_blockwise_grams_equal_full_model_grams(tiny_arch):
         assert grams.group_of[f"{prefix}.mlp.down_proj"] != grams.group_of[f"{prefix}.mlp.gate_proj"]
         assert len(grams.grams) == 4
     assert seen == set(structure.all_targets)
+
+
+def test_block_inputs_and_grams_never_run_the_head(tiny_arch):
+    """The keyword capture stops as the last block is entered: no tokens x vocabulary logits, and an offloaded
+    model's head is never read during calibration."""
+    model = make_tiny_model(tiny_arch)
+    structure = decoder_structure(model)
+    calls = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    try:
+        kwargs = block_kwargs(model, structure, _windows(n=2))
+        for _ in iterate_block_grams(model, structure, _windows(), batch_size=2):
+            pass
+    finally:
+        handle.remove()
+    assert calls == []
+    assert len(kwargs) == len(structure.blocks) and all(kwargs)  # every block's keywords captured
 
 
 def test_nan_activation_raises_with_the_layer_name():

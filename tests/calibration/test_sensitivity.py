@@ -46,9 +46,11 @@ def test_blockwise_sensitivities_equal_a_full_backward(arch, tmp_path):
         held.append(b)
         yield
 
-    for spill in (None, tmp_path):
+    # in memory / spilled; the head on whole windows / on 7 positions of one window at a time (3 uneven chunks)
+    for spill, chunk, batch in ((None, None, 1), (tmp_path, None, 1), (None, 7, 2)):
         held.clear()
-        got = measure_sensitivities(model, structure, windows, progress=False, hold=hold, spill_dir=spill)
+        got = measure_sensitivities(model, structure, windows, batch_size=batch, progress=False, hold=hold,
+                                    spill_dir=spill, head_chunk_tokens=chunk)
         for name, (grad_sq, out_sq) in expected.items():
             assert got[name].grad_sq == pytest.approx(grad_sq, rel=1e-5), name
             assert got[name].out_sq == pytest.approx(out_sq, rel=1e-6), name

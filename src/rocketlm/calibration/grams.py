@@ -117,15 +117,23 @@ def first_block_inputs(model: nn.Module, structure: DecoderStructure, batches: l
 
 @torch.no_grad()
 def block_kwargs(model: nn.Module, structure: DecoderStructure, ids: torch.Tensor) -> list[dict]:
-    """Keyword arguments every block is called with, for inputs of this shape (one full forward)."""
+    """Keyword arguments every block is called with, for inputs of this shape (one forward, stopped as the
+    last block is entered: the head never runs, so no ``tokens x vocabulary`` logits are made and an
+    offloaded model's head is never read)."""
     per_block: list[dict] = [dict() for _ in structure.blocks]
     handles = []
+    last = len(structure.blocks) - 1
     for index, (_, block) in enumerate(structure.blocks):
         def grab(module, args, kwargs, index=index):
             per_block[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        handles.append(block.register_forward_pre_hook(grab, with_kwargs=True))
+            if index == last:
+                raise _StopForward
+        # prepended: it stops the forward before other pre-hooks run (an offloaded model's onload of the last block)
+        handles.append(block.register_forward_pre_hook(grab, with_kwargs=True, prepend=True))
     try:
         model(input_ids=torch.zeros_like(ids), use_cache=False)
+    except _StopForward:
+        pass
     finally:
         for handle in handles:
             handle.remove()

@@ -81,26 +81,41 @@ class _Passthrough(torch.nn.Module):
         return (out,) if self.as_tuple else out
 
 
-def _head_gradient(model, structure: DecoderStructure, last: torch.Tensor, ids: torch.Tensor, as_tuple: bool
-                   ) -> torch.Tensor:
+HEAD_LOGIT_BYTES = 64 << 20  # float32 logits the head gradient makes at a time (tokens x vocabulary)
+
+
+def _head_gradient(model, structure: DecoderStructure, last: torch.Tensor, ids: torch.Tensor, as_tuple: bool,
+                   chunk_tokens: int | None = None) -> torch.Tensor:
     """Gradient of the summed next-token NLL with respect to the last block's output ``last``:
     the model's forward with every block replaced by a pass-through, so only the embedding, the final norm
-    and the head run (no block weight is read)."""
+    and the head run (no block weight is read). The head is position-wise, so it runs on ``chunk_tokens``
+    positions of one window at a time (default: ``HEAD_LOGIT_BYTES`` of logits), never on the whole
+    ``tokens x vocabulary`` logits at once."""
     parent_name, _, attr = structure.blocks_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     blocks = getattr(parent, attr)
     leaf = last.detach().requires_grad_(True)
-    n = len(blocks)
-    setattr(parent, attr, torch.nn.ModuleList(
-        [_Passthrough(block, leaf if i == n - 1 else None, as_tuple) for i, block in enumerate(blocks)]))
+    if chunk_tokens is None:
+        head = model.get_output_embeddings()
+        vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
+        chunk_tokens = max(1, HEAD_LOGIT_BYTES // (4 * vocab))
+    stand_ins = [_Passthrough(block, None, as_tuple) for block in blocks]
+    rows, length = ids.shape
+    setattr(parent, attr, torch.nn.ModuleList(stand_ins))
     try:
-        logits = model(input_ids=ids, use_cache=False).logits
+        for row in range(rows):
+            for start in range(0, length - 1, chunk_tokens):  # the last position has no next token
+                end = min(start + chunk_tokens, length - 1)
+                stand_ins[-1].result = leaf[row: row + 1, start:end]
+                logits = model(input_ids=ids[row: row + 1, start:end], use_cache=False).logits
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[row, start + 1: end + 1],
+                                      reduction="sum")
+                nll.backward()
+                del logits, nll
     finally:
+        stand_ins[-1].result = None
         setattr(parent, attr, blocks)
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                          reduction="sum")
-    nll.backward()
-    return leaf.grad
+    return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
 
 
 class _Inputs:
@@ -125,8 +140,8 @@ class _Inputs:
 
 
 def measure_sensitivities(model, structure: DecoderStructure, windows: torch.Tensor, batch_size: int = 1,
-                          progress: bool = True, hold=None, spill_dir: str | Path | None = None
-                          ) -> dict[str, LayerSensitivity]:
+                          progress: bool = True, hold=None, spill_dir: str | Path | None = None,
+                          head_chunk_tokens: int | None = None) -> dict[str, LayerSensitivity]:
     """Sensitivity of every target layer over ``windows`` (n x seq_len token ids); weights are left untouched.
 
     Block by block (gradient checkpointing at block boundaries): one forward without gradients keeps every
@@ -164,7 +179,8 @@ def measure_sensitivities(model, structure: DecoderStructure, windows: torch.Ten
                 hidden = [o[0] if as_tuple else o for o in outs]
                 bar.update(1)
             with torch.enable_grad():
-                grads = [_head_gradient(model, structure, h, ids, as_tuple) for h, ids in zip(hidden, batches)]
+                grads = [_head_gradient(model, structure, h, ids, as_tuple, head_chunk_tokens)
+                         for h, ids in zip(hidden, batches)]
                 del hidden
                 for b in reversed(range(n)):
                     grads = _block_backward(structure, modules, b, inputs.take(b, device), grads, batches,
