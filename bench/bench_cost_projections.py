@@ -71,6 +71,8 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rows, results = [], {}
+    if args.out and Path(args.out).is_file():  # keep the models measured by an earlier run
+        results = json.loads(Path(args.out).read_text())
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             model = "smollm2-135m" if name == "SmolLM2-135M" else write_config(name, Path(tmp))

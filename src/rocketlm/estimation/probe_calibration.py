@@ -137,5 +137,9 @@ def probe_data(model: str, config: RocketConfig, data_dir: str | None) -> DataPr
         log.info("calibration data not timed: %s", exc)
         return None
     before = current_rss()
-    seconds = timed(lambda: calibration_windows(tokenizer, config, data_dir))
+    try:
+        seconds = timed(lambda: calibration_windows(tokenizer, config, data_dir))
+    except RocketError as exc:  # e.g. a config-only directory whose tokenizer came out empty
+        log.info("calibration data not timed: %s", exc)
+        return None
     return DataProbe(seconds, max(0, current_rss() - before))

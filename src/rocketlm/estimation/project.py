@@ -112,11 +112,11 @@ def _calibration_rank(model: CalibrationModel, run: RunShape, rank: int, disk: D
     d = model.d
     batches = rank_batches(run.samples, run.batch_size, rank, run.nproc)
     shapes = set(batches)
-    capture = sum(d.n_blocks * model.forward(w) + model.head(w) for w in shapes)
+    capture = sum((d.n_blocks - 1) * model.forward(w) for w in shapes)  # stopped as the last block is entered
     forward = d.n_blocks * sum(model.forward(w) for w in batches)
     grams = sum(model.grams(w, b) for b in range(d.n_blocks) for w in batches)
     gram_bytes = sum(d.block_gram_bytes(b) for b in range(d.n_blocks))
-    parts = [Component("keyword capture (full forward per batch shape)", capture, d.dtype),
+    parts = [Component("keyword capture (a forward per batch shape, up to the last block)", capture, d.dtype),
              Component("block forwards", forward, d.dtype),
              Component(f"Gram accumulation ({model.p.gram_dtype} GEMMs)", grams, model.p.gram_dtype)]
     if run.nproc > 1:
@@ -135,11 +135,8 @@ def calibration_memory(d: ModelDescription, run: RunShape) -> dict[str, int]:
     activations = tokens * (d.block_outputs * size + 4 * d.hidden_size * size + 9 * d.max_input)
     hidden = windows * run.seq_len * d.hidden_size * size
     grams = max(map(d.block_gram_bytes, range(d.n_blocks)))
-    logits = tokens * d.vocab_size * size  # of the keyword-capturing forward, before the hidden states exist
     memory = {"process": run.baseline_bytes, "weights": d.n_params * size, "batch activations": activations}
-    if hidden + grams >= logits:
-        return {**memory, "hidden states": hidden, "one block's Grams": grams}
-    return {**memory, "logits of the capture forward": logits}
+    return {**memory, "hidden states": hidden, "one block's Grams": grams}
 
 
 def project_calibration(d: ModelDescription, probe: CalibrationProbe, run: RunShape, disk: DiskProbe,
