@@ -154,6 +154,10 @@ def test_alternating_refit_never_increases_the_error_and_keeps_the_mask():
         rows = f.mask[:, j].nonzero().flatten()
         expected = torch.linalg.lstsq(D[:, rows], M[:, j:j + 1]).solution.flatten()
         assert torch.allclose(C[rows, j], expected, atol=1e-8)
+    # a full mask (ks = 1) takes one shared solve: the same least squares, every column at once
+    full = torch.ones_like(f.mask)
+    expected = torch.linalg.lstsq(D, M).solution
+    assert torch.allclose(refit_coefficients(M, D, full), expected, atol=1e-8)
 
 
 def test_refinement_lowers_every_layers_output_error_below_the_profiled_one(calib_file, tmp_path):
