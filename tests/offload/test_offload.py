@@ -127,3 +127,28 @@ def test_offload_modes_resolve_and_validate(tmp_path):
         RocketConfig(offload="gpu")
     with pytest.raises(ConfigError, match="offload"):
         RocketConfig(offload="disk", sequential=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_remap_gives_fresh_mappings_of_the_same_values(arch, tmp_path):
+    """After the fisher pass reads the whole head, remap() swaps every memory-mapped tensor for a fresh
+    mapping (the old one, with its read pages, is freed); values, ties and outputs are unchanged."""
+    path = _saved(arch, tmp_path)
+    model, _ = load_offloaded(path, work_dir=tmp_path / "pieces")
+    off = model.rocketlm_offload
+    assert off.mapped  # the embedding at least
+    ids = torch.randint(0, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    params = dict(model.named_parameters(remove_duplicate=False))
+    old = {name: (params[name], params[name].data_ptr()) for name in off.mapped}
+    off.remap()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, (param, ptr) in old.items():
+        assert params[name] is not param and params[name].data_ptr() != ptr, name  # a new mapping
+        assert torch.equal(params[name], param), name
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if model.config.tie_word_embeddings:
+        assert head is embedding
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)

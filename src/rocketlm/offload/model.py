@@ -110,6 +110,7 @@ class OffloadedModel:
         self._work_dir = Path(work_dir) if work_dir else None
         self._tmp = None
         self._handles = []
+        self.mapped: list[str] = []  # non-block tensors held as memory maps (load_offloaded fills it)
         for b, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_pre_hook(lambda m, a, b=b: self._before(b)))
             self._handles.append(block.register_forward_hook(lambda m, a, o, b=b: self._after(b)))
@@ -229,6 +230,15 @@ class OffloadedModel:
         finally:
             del head.forward
 
+    def remap(self) -> None:
+        """Map the memory-mapped non-block tensors afresh, so the pages a whole-vocabulary pass read (the
+        fisher cost's head gradient reads every row of a tied embedding) leave the resident set once the
+        old mapping is freed; the values are unchanged."""
+        from accelerate.utils import set_module_tensor_to_device
+        for name in self.mapped:
+            set_module_tensor_to_device(self.model, name, self.device, value=self.sources[name].mapped())
+        self.model.tie_weights()
+
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -281,6 +291,7 @@ def load_offloaded(path: str | Path, device: str | torch.device = "cpu", dtype: 
         src = sources[name]
         if device.type == "cpu" and src.dtype == tensor.dtype:
             value = src.mapped()  # stays memory-mapped: only the pages read become resident
+            offloaded.mapped.append(name)
         else:
             value = src.read().to(device, tensor.dtype)
         set_module_tensor_to_device(model, name, device, value=value)

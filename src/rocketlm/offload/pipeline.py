@@ -116,6 +116,7 @@ def compress_offloaded(model, tokenizer, config: RocketConfig, *, cache_dir=None
             attach_sensitivities(profiles, cached_sensitivities(
                 off.model, structure, windows, config.sensitivity_samples, cache, keys.calibration, progress,
                 hold=off.holding, spill_dir=off.work_dir))
+            off.remap()  # the head gradient read the whole (tied) head: drop its pages before compressing
         allocation = allocate(profiles, config.removed_ratio, config.cost, config.budget_count, config.alpha)
     log.info("allocation: %s cost, removed %.2f%% (target %.2f%%)", config.cost,
              100 * allocation.achieved_removed_ratio, 100 * config.removed_ratio)
