@@ -156,7 +156,8 @@ def test_alternating_refit_never_increases_the_error_and_keeps_the_mask():
         assert torch.allclose(C[rows, j], expected, atol=1e-8)
     # conjugate gradients (what the refinement runs) reach the same least squares from any start
     for start in (torch.zeros_like(C), C + 0.1 * torch.randn(C.shape, generator=g, dtype=C.dtype)):
-        assert torch.allclose(refit_coefficients_cg(M, D, f.mask, start), C, atol=1e-8)
+        for chunk in (1024, 7):  # column chunks (the last one short) bound the work memory, same solution
+            assert torch.allclose(refit_coefficients_cg(M, D, f.mask, start, chunk=chunk), C, atol=1e-8)
     # a dead atom (a zero column of D) gets 0 in every column that keeps it, as the direct solve gives it
     D_dead = D.clone()
     D_dead[:, 0] = 0.0

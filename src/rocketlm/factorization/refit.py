@@ -123,26 +123,38 @@ def refit_coefficients(M: torch.Tensor, D: torch.Tensor, mask: torch.Tensor, rid
 
 
 def refit_coefficients_cg(M: torch.Tensor, D: torch.Tensor, mask: torch.Tensor, C: torch.Tensor,
-                          tol: float = 1e-10, max_iter: int = 500) -> torch.Tensor:
-    """The same per-column least squares as :func:`refit_coefficients`, by conjugate gradients on every
-    column at once, started from ``C`` (the current kept values), in ``M``'s dtype.
+                          tol: float = 1e-10, max_iter: int = 500, chunk: int = 1024) -> torch.Tensor:
+    """The same per-column least squares as :func:`refit_coefficients`, by conjugate gradients on
+    ``chunk`` columns at a time, started from ``C`` (the current kept values), in ``M``'s dtype.
 
-    Each iteration is one ``k x k x d_out`` GEMM (``G P`` with ``G = D^T D``) plus masked element-wise
-    work, instead of ``d_out`` small factorizations; Jacobi-preconditioned, it stops when every column's
-    preconditioned residual has shrunk by ``tol`` (15-24 iterations on SmolLM2's layers, output errors
-    equal to the direct solve's to 8 digits, 2-3x faster at 20% removed). Every step is an exact line
-    search on a convex quadratic, so no column's error ever grows, converged or not. Rows of atoms with
-    ``D``'s column zero get 0, as the ridge of the direct solve gives them.
+    Each iteration is one ``k x k x chunk`` GEMM (``G P`` with ``G = D^T D``) plus masked element-wise
+    work, instead of one small factorization per column; Jacobi-preconditioned, a chunk stops when every
+    column's preconditioned residual has shrunk by ``tol`` (15-24 iterations on SmolLM2's layers, output
+    errors equal to the direct solve's to 8 digits, 2-8x faster at 20-50% removed). Every step is an exact
+    line search on a convex quadratic, so no column's error ever grows, converged or not. Work memory:
+    about six ``k x chunk`` arrays. Rows of atoms whose column of ``D`` is zero get 0, as the ridge of the
+    direct solve gives them.
     """
-    F = mask.to(M.dtype)
     G = D.T @ D
     diag = G.diagonal().clone()
     dead = diag <= 0
-    F[dead] = 0.0
     diag[dead] = 1.0
-    diag = diag[:, None]
-    C = C.to(M.dtype) * F
-    R = (D.T @ M - G @ C) * F  # minus the gradient, on the kept entries
+    P = D.T @ M
+    out = torch.empty(mask.shape, dtype=M.dtype, device=M.device)
+    for start in range(0, mask.shape[1], chunk):
+        cols = slice(start, start + chunk)
+        F = mask[:, cols].to(M.dtype)
+        F[dead] = 0.0
+        out[:, cols] = _masked_cg(G, diag[:, None], P[:, cols], F, C[:, cols].to(M.dtype) * F, tol, max_iter)
+    return out
+
+
+def _masked_cg(G: torch.Tensor, diag: torch.Tensor, P: torch.Tensor, F: torch.Tensor, C: torch.Tensor,
+               tol: float, max_iter: int) -> torch.Tensor:
+    """Jacobi-preconditioned CG for every column ``j`` of ``min 1/2 c^T G c - p_j^T c`` over the entries
+    where ``F[:, j]`` is 1 (the others stay 0), from ``C``."""
+    tiny = torch.finfo(C.dtype).tiny
+    R = (P - G @ C) * F  # minus the gradient, on the kept entries
     Z = R / diag
     direction = Z.clone()
     rz = (R * Z).sum(0)
@@ -152,12 +164,12 @@ def refit_coefficients_cg(M: torch.Tensor, D: torch.Tensor, mask: torch.Tensor, 
             break
         GP = (G @ direction) * F
         curvature = (direction * GP).sum(0)
-        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(torch.finfo(M.dtype).tiny), 0.0)
+        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(tiny), 0.0)
         C += alpha * direction
         R -= alpha * GP
         Z = R / diag
         rz_next = (R * Z).sum(0)
-        beta = torch.where(rz > 0, rz_next / rz.clamp_min(torch.finfo(M.dtype).tiny), 0.0)
+        beta = torch.where(rz > 0, rz_next / rz.clamp_min(tiny), 0.0)
         direction = Z + beta * direction
         rz = rz_next
     return C
