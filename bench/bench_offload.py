@@ -5,11 +5,11 @@
     # 2. compress it with --offload disk under /usr/bin/time -v, report peak RSS against the model size
     python bench/bench_offload.py run /tmp/llama1b-random --out /tmp/llama1b-rocket
 
-Measured (2 shared cores, load ~8, OMP_NUM_THREADS=1, float32, 8 x 256 tokens, grid removed=0.3,0.5;ks=1,2):
-16 layers (4.94 GB in memory): peak RSS 3.96 GB over calibration and the first 18 profiled layers (run stopped
-there, 28 min); 2 layers of the same shape (1.54 GB) end to end: peak RSS 4.65 GB (calibration 2.11 GiB,
-profiling 3.58 GiB, compression 4.32 GiB), 20 min. The peak is the float64 algebra of one 8192-wide
-down_proj (its Gram, whitening factor, factorization temporaries), independent of depth.
+Measured 2026-12-04 (one thread, shared machine, 8 x 256 tokens, grid removed=0.3,0.5;ks=1,2, fisher cost,
+3 refits; peak RSS from /proc VmHWM per stage, over three runs resumed from the cache): 16 layers, 4.94 GB
+in memory: calibration 2.38 GB, profiling 2.53 GB, sensitivities 2.78 GB, compression of the first 3 blocks
+2.79 GB (0.57x; 4.90 GB before the head remap and the chunked refits). Earlier (before the capture and
+whitening fixes): 3.96 GB over calibration and 18 profiled layers.
 
 Random weights are fine: this measures memory and time, not quality. The tokenizer is a small
 word-level one trained on the fly (ids < 500, a subset of the 128256-token vocabulary).
