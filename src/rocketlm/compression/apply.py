@@ -28,7 +28,7 @@ def apply_allocation(model, structure: DecoderStructure, allocation: Allocation,
     with the profiled errors, and the errors recomputed from the shipped ``U V`` in float64
     must agree too (within float32 rounding of the profiling algebra). With ``config.refine_iters``
     the closed form is then refined (:func:`rocketlm.factorization.refit.alternating_refit`: the
-    mask fixed, exact least-squares refits of ``U`` and of the kept values), and the shipped output
+    mask fixed, least-squares refits of ``U`` and, by conjugate gradients, of the kept values), and the shipped output
     error must be no larger than the profiled one. Returns the worst gaps.
     ``dist``: a :class:`rocketlm.distributed.DistContext`; with several processes the layers are
     shared out and rank 0's model receives them all (``rocketlm.distributed.compression``).
