@@ -116,7 +116,8 @@ class RocketConfig:
     sequential_damping: float = 0.0  # (sequential) ridge x mean diag added to the Gram and cross-Gram: pulls the fit
     # towards the original weight where the calibration inputs are weak
     refine_iters: int = 3  # alternating closed-form refits of U and of V's kept values after the closed form
-    # (each an exact least-squares solve: the output error never grows; 0 ships the closed form as profiled)
+    # (least squares: U by one solve, the kept values by converged conjugate gradients; the output error never
+    # grows; 0 ships the closed form as profiled)
     # allocation cost "fisher": per-layer sensitivities from a backward pass (no weight update)
     sensitivity_samples: int = 16  # calibration windows (the first N) used to measure the sensitivities
     # runtime

@@ -103,7 +103,7 @@ def first_block_inputs(model: nn.Module, structure: DecoderStructure, batches: l
         captured.append(args[0] if args else kwargs["hidden_states"])
         raise _StopForward
 
-    handle = first.register_forward_pre_hook(stop, with_kwargs=True)
+    handle = first.register_forward_pre_hook(stop, with_kwargs=True, prepend=True)  # before an offload's onload
     try:
         for ids in batches:
             try:

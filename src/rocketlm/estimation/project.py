@@ -19,6 +19,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from rocketlm.calibration.sensitivity import HEAD_LOGIT_BYTES
 from rocketlm.errors import ConfigError
 from rocketlm.estimation.describe import ModelDescription
 from rocketlm.estimation.probe_allocation import AllocationProbe, DiskProbe
@@ -262,9 +263,10 @@ def sensitivity_components(d: ModelDescription, model: CalibrationModel, windows
 
 def sensitivity_memory(d: ModelDescription, run: RunShape, windows: int) -> dict[str, int]:
     """Every block's input of the sensitivity windows (in memory; spilled to disk when offloaded) and one
-    window's logits with their gradient."""
+    chunk of the head's logits (at most ``HEAD_LOGIT_BYTES``, positions of one window) with their gradient."""
+    logits = min(run.seq_len * d.vocab_size * 4, HEAD_LOGIT_BYTES)
     return {"sensitivity block inputs": d.n_blocks * windows * run.seq_len * d.hidden_size * d.dtype_bytes,
-            "sensitivity logits and gradient": 3 * run.seq_len * d.vocab_size * 4}
+            "sensitivity logits and gradient": 3 * logits}
 
 
 def project_allocation(d: ModelDescription, probe: AllocationProbe, run: RunShape,

@@ -106,8 +106,6 @@ def refit_coefficients(M: torch.Tensor, D: torch.Tensor, mask: torch.Tensor, rid
     """
     k, d_out = mask.shape
     s = int(mask[:, 0].sum())
-    if s == k:  # every column keeps every row (ks = 1): one k x k system with d_out right-hand sides
-        return _spd_solve(D.T @ D, D.T @ M, ridge_rel).to(M.dtype)
     rows = torch.sort(mask.to(torch.int8), dim=0, descending=True, stable=True).indices[:s]  # s x d_out
     rows = torch.sort(rows, dim=0).values
     G = (D.T @ D).to(solve_dtype)  # k x k
