@@ -17,12 +17,13 @@ from rocketlm.allocation.plan import Allocation, allocate
 from rocketlm.calibration.run import calibration_windows, run_calibration
 from rocketlm.calibration.store import GramStore
 from rocketlm.allocation.costs import needs_sensitivity
-from rocketlm.calibration.sensitivity import attach_sensitivities, cached_sensitivities
+from rocketlm.calibration.sensitivity import attach_sensitivities
 from rocketlm.compression.apply import apply_allocation
 from rocketlm.compression.sequential import compress_with_refits, uses_refit_stage
 from rocketlm.config import RocketConfig
 from rocketlm.distributed.context import SINGLE, DistContext
 from rocketlm.distributed.profiling import open_profile_store
+from rocketlm.distributed.sensitivity import sensitivities_parallel
 from rocketlm.models.discovery import DecoderStructure, decoder_structure
 from rocketlm.monitor import StageStats, stage
 from rocketlm.profiling.profile import LayerProfile
@@ -79,7 +80,8 @@ def compress(model, tokenizer, config: RocketConfig, *, cache_dir: str | os.Path
 
     ``dist`` (default: one process): the :class:`DistContext` of a multi-process run
     (:func:`rocketlm.distributed.init_from_env`); every rank calls this with the same arguments.
-    Calibration is data-parallel, profiling and compression layer-parallel, allocation on rank 0.
+    Calibration and the fisher cost's sensitivities are data-parallel, profiling and compression
+    layer-parallel, the knapsack on rank 0.
     Rank 0's result is complete (model, profiles); the other ranks' results hold the allocation
     and only their own share of the compressed layers, and no profiles.
     """
@@ -106,10 +108,8 @@ def compress(model, tokenizer, config: RocketConfig, *, cache_dir: str | os.Path
         profiles = run_profiling(model, structure, grams, store, config, dtype, progress, dist)
     with stage("allocation", stats):
         if needs_sensitivity(config.cost):  # per-layer sensitivities for the "fisher" cost (one backward pass, cached)
-            sensitivities = dist.on_main(
-                lambda: cached_sensitivities(model, structure, windows, config.sensitivity_samples, cache,
-                                             keys.calibration, progress),
-                "measuring the layer sensitivities")
+            sensitivities = sensitivities_parallel(model, structure, windows, config.sensitivity_samples, cache,
+                                                   keys.calibration, progress, dist)
             attach_sensitivities(profiles, sensitivities)
         allocation = dist.on_main(lambda: allocate(profiles, config.removed_ratio, config.cost, config.budget_count,
                                                    config.alpha), "allocating")

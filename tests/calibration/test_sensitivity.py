@@ -57,3 +57,22 @@ def test_blockwise_sensitivities_equal_a_full_backward(arch, tmp_path):
         n = len(structure.blocks)
         assert held == list(range(n)) + list(reversed(range(n)))  # forward walk, then backward walk
     assert not list(tmp_path.iterdir())  # spilled inputs are removed once read back
+
+
+def test_sums_over_shares_add_up_to_the_whole():
+    """The data-parallel split: sums over disjoint window shares (one empty) add up to the sums over all."""
+    from rocketlm.calibration.sensitivity import measure_sensitivity_sums
+    from rocketlm.distributed.sensitivity import window_share
+    model = make_tiny_model("llama")
+    structure = decoder_structure(model)
+    windows = torch.randint(0, 500, (3, 16), generator=torch.Generator().manual_seed(2))
+    whole = measure_sensitivity_sums(model, structure, windows, progress=False)
+    shares = [window_share(3, r, 4) for r in range(4)]
+    assert [b - a for a, b in shares] == [0, 1, 1, 1]
+    parts = [measure_sensitivity_sums(model, structure, windows[a:b], progress=False) for a, b in shares]
+    assert parts[0].tokens == 0 and all(v == 0.0 for v in parts[0].grad_sq.values())
+    assert sum(p.tokens for p in parts) == whole.tokens == windows.numel()
+    for name in structure.all_targets:
+        assert parts[0].d_out[name] == whole.d_out[name] == dict(model.named_modules())[name].weight.shape[0]
+        assert sum(p.grad_sq[name] for p in parts) == pytest.approx(whole.grad_sq[name], rel=1e-12)
+        assert sum(p.out_sq[name] for p in parts) == pytest.approx(whole.out_sq[name], rel=1e-12)

@@ -93,6 +93,18 @@ def assert_grams_match(cache_a: Path, cache_b: Path, rel: float = 1e-10) -> None
             assert gap <= rel, (name, group, float(gap))
 
 
+def assert_sensitivities_match(cache_a: Path, cache_b: Path, rel: float = 1e-10) -> None:
+    """The one sensitivity cache file under each cache holds the same per-layer figures."""
+    import json
+    (a,) = [json.loads(p.read_text())["layers"] for p in (Path(cache_a) / "sensitivity").glob("*.json")]
+    (b,) = [json.loads(p.read_text())["layers"] for p in (Path(cache_b) / "sensitivity").glob("*.json")]
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert a[name]["d_out"] == b[name]["d_out"]
+        for key in ("grad_sq", "out_sq"):
+            assert abs(a[name][key] - b[name][key]) <= rel * abs(a[name][key]), (name, key)
+
+
 def assert_checkpoints_match(ckpt_a: Path, ckpt_b: Path) -> None:
     """Same tensors (names, shapes, dtypes), equal masks, values equal up to float32 rounding."""
     from safetensors.torch import load_file

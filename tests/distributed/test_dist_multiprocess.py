@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, make_tiny_tokenizer
-from dist_workers import (allocation_of, assert_checkpoints_match, assert_grams_match, free_port, spawn_compress)
+from dist_workers import (allocation_of, assert_checkpoints_match, assert_grams_match, assert_sensitivities_match,
+                          free_port, spawn_compress)
 from rocketlm.cli import main
 from rocketlm.config import GridConfig, RocketConfig
 
@@ -63,6 +64,7 @@ def test_torchrun_two_processes_equal_single_process(tiny_dir, single, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("model.safetensors:") == 1  # only rank 0 prints the summary
     assert_grams_match(single / "cache", tmp_path / "cache")
+    assert_sensitivities_match(single / "cache", tmp_path / "cache")  # 3 windows: rank 0 measured 1, rank 1 2
     assert allocation_of(tmp_path / "ckpt") == allocation_of(single / "ckpt")
     assert_checkpoints_match(single / "ckpt", tmp_path / "ckpt")
     manifest = json.loads((tmp_path / "ckpt" / "rocketlm.json").read_text())

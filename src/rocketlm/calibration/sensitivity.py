@@ -10,7 +10,8 @@ summed NLL with respect to the layer's output at token ``t``. A candidate with r
 
 One forward and one backward pass over the first ``samples`` calibration windows measures every layer
 at once, block by block (so an offloaded model keeps one block resident); the model's weights receive no
-gradient and are never changed.
+gradient and are never changed. The pass is data-parallel under torchrun
+(:mod:`rocketlm.distributed.sensitivity`): its sums over disjoint windows add up.
 """
 from __future__ import annotations
 
@@ -47,12 +48,10 @@ class _Recorder:
     def __init__(self, modules: dict[str, torch.nn.Module]):
         self.grad_sq = {name: 0.0 for name in modules}
         self.out_sq = {name: 0.0 for name in modules}
-        self.d_out: dict[str, int] = {}
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name: str):
         def forward_hook(module, args, out):
-            self.d_out[name] = out.shape[-1]
             self.out_sq[name] += float(out.detach().to(torch.float64).square().sum())
             if out.requires_grad:
                 out.register_hook(lambda grad: self._add_grad(name, grad))
@@ -139,10 +138,35 @@ class _Inputs:
         return hidden
 
 
+@dataclass
+class SensitivitySums:
+    """Unnormalised sums of one pass over some windows: ``||g_t||^2`` and ``||y_t||^2`` summed over their tokens,
+    per layer. Sums from disjoint shares of the windows add up (a multi-process run sums them over the ranks)."""
+    grad_sq: dict[str, float]
+    out_sq: dict[str, float]
+    d_out: dict[str, int]
+    tokens: int
+
+    def finish(self) -> dict[str, LayerSensitivity]:
+        """Per-token means: the :class:`LayerSensitivity` of every layer."""
+        tokens = max(self.tokens, 1)
+        return {name: LayerSensitivity(self.grad_sq[name] / tokens, self.out_sq[name] / tokens, self.d_out[name])
+                for name in self.grad_sq}
+
+
 def measure_sensitivities(model, structure: DecoderStructure, windows: torch.Tensor, batch_size: int = 1,
                           progress: bool = True, hold=None, spill_dir: str | Path | None = None,
                           head_chunk_tokens: int | None = None) -> dict[str, LayerSensitivity]:
     """Sensitivity of every target layer over ``windows`` (n x seq_len token ids); weights are left untouched.
+    See :func:`measure_sensitivity_sums` for how and at what memory."""
+    return measure_sensitivity_sums(model, structure, windows, batch_size, progress, hold, spill_dir,
+                                    head_chunk_tokens).finish()
+
+
+def measure_sensitivity_sums(model, structure: DecoderStructure, windows: torch.Tensor, batch_size: int = 1,
+                             progress: bool = True, hold=None, spill_dir: str | Path | None = None,
+                             head_chunk_tokens: int | None = None) -> SensitivitySums:
+    """The sums behind the sensitivities over ``windows`` (n x seq_len token ids, possibly none).
 
     Block by block (gradient checkpointing at block boundaries): one forward without gradients keeps every
     block's input; the gradient at the last block's output comes from the head alone; then the blocks, last
@@ -155,6 +179,10 @@ def measure_sensitivities(model, structure: DecoderStructure, windows: torch.Ten
 
     hold = hold or (lambda b: contextlib.nullcontext())
     modules = dict(model.named_modules())
+    totals = {name: [0.0, 0.0] for name in structure.all_targets}  # grad_sq, out_sq
+    d_out = {name: int(modules[name].weight.shape[0]) for name in structure.all_targets}
+    if windows.shape[0] == 0:  # an empty share (more processes than windows)
+        return SensitivitySums({n: 0.0 for n in totals}, {n: 0.0 for n in totals}, d_out, 0)
     device = next(p for p in model.parameters() if p.device.type != "meta").device
     batches = [windows[i: i + batch_size].to(device) for i in range(0, windows.shape[0], batch_size)]
     kwargs_by_shape = {}
@@ -162,7 +190,6 @@ def measure_sensitivities(model, structure: DecoderStructure, windows: torch.Ten
         if ids.shape not in kwargs_by_shape:
             kwargs_by_shape[ids.shape] = block_kwargs(model, structure, ids)
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    totals = {name: [0.0, 0.0, 0] for name in structure.all_targets}  # grad_sq, out_sq, d_out
     inputs = _Inputs(Path(spill_dir) if spill_dir is not None else None)
     n = len(structure.blocks)
     try:
@@ -189,8 +216,8 @@ def measure_sensitivities(model, structure: DecoderStructure, windows: torch.Ten
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-    tokens = windows.numel()
-    return {name: LayerSensitivity(g / tokens, o / tokens, d) for name, (g, o, d) in totals.items()}
+    return SensitivitySums({n: g for n, (g, _) in totals.items()}, {n: o for n, (_, o) in totals.items()}, d_out,
+                           windows.numel())
 
 
 def _block_backward(structure: DecoderStructure, modules: dict, b: int, hidden: list[torch.Tensor],
@@ -213,24 +240,40 @@ def _block_backward(structure: DecoderStructure, modules: dict, b: int, hidden: 
     for name in structure.targets[b]:
         totals[name][0] += recorder.grad_sq[name]
         totals[name][1] += recorder.out_sq[name]
-        totals[name][2] = recorder.d_out[name]
     return out_grads
+
+
+def sensitivity_cache_path(cache_dir: Path, calibration_key: str, samples: int) -> Path:
+    """Where the sensitivities of the first ``samples`` windows are cached (the calibration key covers the
+    model weights and the windows)."""
+    return Path(cache_dir) / "sensitivity" / f"{stable_hash(calibration_key, samples)}.json"
+
+
+def read_sensitivity_cache(path: Path) -> dict[str, LayerSensitivity] | None:
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return {name: LayerSensitivity(**v) for name, v in data["layers"].items()}
+
+
+def write_sensitivity_cache(path: Path, calibration_key: str, samples: int,
+                            result: dict[str, LayerSensitivity]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"calibration": calibration_key, "samples": samples,
+                             "layers": {name: asdict(v) for name, v in result.items()}})
 
 
 def cached_sensitivities(model, structure: DecoderStructure, windows: torch.Tensor, samples: int, cache_dir: Path,
                          calibration_key: str, progress: bool = True, hold=None,
                          spill_dir: Path | None = None) -> dict[str, LayerSensitivity]:
     """:func:`measure_sensitivities` on the first ``samples`` windows, cached under ``cache_dir/sensitivity``
-    (keyed by the calibration key, which covers the model weights and the windows, and ``samples``)."""
-    path = Path(cache_dir) / "sensitivity" / f"{stable_hash(calibration_key, samples)}.json"
-    if path.is_file():
-        data = json.loads(path.read_text())
-        return {name: LayerSensitivity(**v) for name, v in data["layers"].items()}
-    result = measure_sensitivities(model, structure, windows[:samples], progress=progress, hold=hold,
-                                   spill_dir=spill_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"calibration": calibration_key, "samples": samples,
-                             "layers": {name: asdict(v) for name, v in result.items()}})
+    (keyed by the calibration key and ``samples``)."""
+    path = sensitivity_cache_path(cache_dir, calibration_key, samples)
+    result = read_sensitivity_cache(path)
+    if result is None:
+        result = measure_sensitivities(model, structure, windows[:samples], progress=progress, hold=hold,
+                                       spill_dir=spill_dir)
+        write_sensitivity_cache(path, calibration_key, samples, result)
     return result
 
 

@@ -4,7 +4,8 @@
   and token counts are summed with ``all_reduce`` and rank 0 writes the Gram cache;
 * profiling is layer-parallel: layers are bin-packed onto ranks by estimated cost, each rank
   appends its profiles to its own shard of the profile store, rank 0 gathers them;
-* allocation runs on rank 0 and is broadcast; compression is layer-parallel and rank 0
+* the ``fisher`` cost's sensitivities are data-parallel too (per-layer sums ``all_reduce``d);
+  the knapsack runs on rank 0 and its allocation is broadcast; compression is layer-parallel and rank 0
   receives every compressed module and writes the checkpoint.
 
 Without torchrun (``WORLD_SIZE`` unset or 1) :func:`init_from_env` returns :data:`SINGLE` and
