@@ -59,6 +59,8 @@ def test_estimate_from_config_json_file_and_processes(config_dir):
     _check(two)
     names = [c.name for c in two.stage("calibration").components]
     assert "all_reduce of the Grams" in names
+    # the sensitivities are data-parallel: the slowest of 2 processes holds ceil(6 / 2) = 3 windows' block inputs
+    assert two.stage("allocation").memory["sensitivity block inputs"] == 2 * 3 * 32 * 64 * 4
     gpu = project_to_device(single, H100)
     _check(gpu)
     assert gpu.stage("profiling").seconds < single.stage("profiling").seconds

@@ -7,7 +7,7 @@
 * profiling and compression are layer-parallel: layers are packed onto processes by the
   longest-processing-time rule on their projected times; a process whitens each Gram group
   and reads each block's Grams that its layers need;
-* allocation runs on one process.
+* the fisher cost's sensitivities are data-parallel like calibration; the knapsack runs on one process.
 
 Memory is a model of what is resident at the peak (weights, calibration hidden states, Grams,
 per-layer work arrays), listed per part, plus the resident size of a Python process with torch
@@ -271,14 +271,17 @@ def sensitivity_memory(d: ModelDescription, run: RunShape, windows: int) -> dict
 
 def project_allocation(d: ModelDescription, probe: AllocationProbe, run: RunShape,
                        calibration: CalibrationProbe | None = None, sensitivity_windows: int = 0) -> StageEstimate:
-    """The knapsack, and with ``sensitivity_windows`` (the ``fisher`` cost) the sensitivities it needs,
-    timed from the ``calibration`` probe; they run on rank 0 only."""
+    """The knapsack (rank 0), and with ``sensitivity_windows`` (the ``fisher`` cost) the sensitivities it needs,
+    timed from the ``calibration`` probe; they are data-parallel: the slowest process measures
+    ``ceil(windows / nproc)`` windows (the reduced sums are a few numbers per layer)."""
     memory = {"process": run.baseline_bytes, "weights": d.n_params * d.dtype_bytes, "profiles": probe.profile_bytes}
     parts = [Component("knapsack (allocate)", probe.seconds, None)]
     notes = [f"allocate() on synthetic profiles: {len(d.layers)} layers, {probe.candidates} candidates"]
     if sensitivity_windows and calibration is not None:
-        parts = sensitivity_components(d, CalibrationModel(d, calibration, run.seq_len), sensitivity_windows) + parts
-        memory.update(sensitivity_memory(d, run, sensitivity_windows))
-        notes.append(f"layer sensitivities on {sensitivity_windows} windows of {run.seq_len} tokens (rank 0)")
+        share = math.ceil(sensitivity_windows / run.nproc)
+        parts = sensitivity_components(d, CalibrationModel(d, calibration, run.seq_len), share) + parts
+        memory.update(sensitivity_memory(d, run, share))
+        notes.append(f"layer sensitivities on {sensitivity_windows} windows of {run.seq_len} tokens"
+                     + (f" ({share} per process)" if run.nproc > 1 else ""))
     return StageEstimate("allocation", sum(c.seconds for c in parts), sum(memory.values()), tuple(parts), memory,
                          tuple(notes))
