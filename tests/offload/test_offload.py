@@ -81,6 +81,43 @@ def test_offloaded_and_in_memory_checkpoints_are_identical(arch, cost, refine_it
     assert torch.equal(la, lb)
 
 
+def test_interrupted_offloaded_compression_resumes_from_its_pieces(calib_file, tmp_path, monkeypatch):
+    """A run stopped during compression keeps the blocks it finished (piece + checks in the cache); the
+    rerun factors only the rest and writes the checkpoint of an uninterrupted run."""
+    import rocketlm.offload.pipeline as offload_pipeline
+    path = _saved("qwen3", tmp_path)
+    config = RocketConfig(model=path, removed_ratio=0.3, cost="output", refine_iters=1, calib_files=(calib_file,),
+                          calib_samples=8, calib_seq_len=32, calib_batch_size=3, grid=GRID)
+    model, tok = load_model(path)
+    save_compressed(compress(model, tok, config, cache_dir=tmp_path / "cache-mem", progress=False), tmp_path / "mem")
+
+    real, calls = offload_pipeline.apply_allocation, []
+
+    def failing_on_block_1(*args, **kwargs):
+        calls.append(sorted(kwargs["only"]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user stops the run while block 1 is factored
+        return real(*args, **kwargs)
+    monkeypatch.setattr(offload_pipeline, "apply_allocation", failing_on_block_1)
+    model, tok = load_offloaded(path)
+    with pytest.raises(KeyboardInterrupt):
+        compress(model, tok, config, cache_dir=tmp_path / "cache", progress=False)
+    (pieces,) = list((tmp_path / "cache" / "compressed").iterdir())
+    assert sorted(p.name for p in pieces.iterdir()) == ["block-00000.json", "block-00000.safetensors"]
+
+    calls.clear()
+    model, tok = load_offloaded(path)
+    result = compress(model, tok, config, cache_dir=tmp_path / "cache", progress=False)
+    assert len(calls) == 1 and all(name.startswith("model.layers.1.") for name in calls[0])  # block 0 reused
+    save_compressed(result, tmp_path / "off")
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "off")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ids = make_tiny_tokenizer()(" ".join(f"w{i}" for i in range(20)), return_tensors="pt").input_ids
+    assert torch.equal(load_compressed(tmp_path / "mem")[0](ids).logits, load_compressed(tmp_path / "off")[0](ids).logits)
+
+
 def test_streaming_writer_matches_safetensors(tmp_path):
     tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.uint8), "c": torch.randn(2).bfloat16()}
     with StreamingSafetensorsWriter(tmp_path / "x.safetensors", {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()},

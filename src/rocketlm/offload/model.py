@@ -7,7 +7,8 @@
   leave the resident set with the block) when the block runs, and released afterwards; a block can be
   pinned for a stage that needs it for longer (its calibration, profiling, compression).
 * After compression a block's tensors (compressed modules included) go to a per-block safetensors
-  piece and the block returns to meta; the checkpoint is then streamed from the pieces.
+  piece and the block returns to meta; the checkpoint is then streamed from the pieces. The compression
+  stage keeps the pieces in the cache (``compressed/<key>/``), so an interrupted run resumes there.
 """
 from __future__ import annotations
 
@@ -183,20 +184,31 @@ class OffloadedModel:
         self._work_dir.mkdir(parents=True, exist_ok=True)
         return self._work_dir
 
-    def store_block(self, b: int) -> None:
-        """Write resident block ``b`` (compressed modules included) to a piece file, point its sources
-        there, and return it to meta."""
+    def store_block(self, b: int, piece: str | Path | None = None) -> Path:
+        """Write resident block ``b`` (compressed modules included) to a piece file (``piece``, default in the
+        work directory; written to a temporary name and renamed, so a piece that exists is complete), point its
+        sources there, and return it to meta."""
         from safetensors.torch import save_file
         state = {f"{self.prefixes[b]}.{k}": v.detach().to("cpu").contiguous()
                  for k, v in self.blocks[b].state_dict().items()}
-        piece = self.work_dir / f"block-{b:05d}.safetensors"
-        save_file(state, str(piece))
+        piece = Path(piece) if piece is not None else self.work_dir / f"block-{b:05d}.safetensors"
+        partial = piece.with_name(piece.name + ".partial")
+        save_file(state, str(partial))
         del state
+        os.replace(partial, piece)
+        self.pinned.discard(b)
+        self.offload(b)
+        self.adopt_piece(b, piece)
+        return piece
+
+    def adopt_piece(self, b: int, piece: str | Path) -> None:
+        """Read block ``b``'s tensors from ``piece`` from now on (the block is on meta, its module structure
+        already that of the piece: e.g. the compressed modules of an interrupted run, rebuilt on meta)."""
+        if b in self.resident:
+            raise RuntimeError(f"block {b} is resident; store or release it before adopting a piece")
         for name in [n for n in self.sources if self.block_of(n) == b]:
             del self.sources[name]
         self.sources.update(file_sources(piece))
-        self.pinned.discard(b)
-        self.offload(b)
 
     # ------------------------------------------------------------------------------------------ misc
     def fingerprint(self, tensor_names) -> str:

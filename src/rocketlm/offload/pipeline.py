@@ -2,7 +2,9 @@
 walking the decoder blocks in order with one block resident at a time."""
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -14,12 +16,14 @@ from rocketlm.calibration.run import calibration_windows
 from rocketlm.calibration.sensitivity import attach_sensitivities, cached_sensitivities
 from rocketlm.calibration.store import GramStore
 from rocketlm.compression.apply import apply_allocation
+from rocketlm.compression.modules import SparseDictionaryLinear, replace_module
 from rocketlm.config import RocketConfig
 from rocketlm.errors import ConfigError
 from rocketlm.models.discovery import DecoderStructure, decoder_structure
 from rocketlm.monitor import StageStats, stage
 from rocketlm.offload.model import OffloadedModel
 from rocketlm.profiling.run import run_profiling
+from rocketlm.storage import stable_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +79,53 @@ def profile_offloaded(off: OffloadedModel, structure, grams, store, config, dtyp
     return profiles
 
 
-def compress_blocks_offloaded(off: OffloadedModel, structure, allocation, grams, config, dtype, progress) -> dict:
-    """Factor block by block; each compressed block goes to its piece file and back to meta."""
+def pieces_key(profile_key: str, allocation, config: RocketConfig, dtype: torch.dtype) -> str:
+    """What a compressed block depends on: the profiles (model, calibration, grid), the allocation and the
+    compression settings."""
+    choices = [(c.name, c.dense, c.k, c.s) for c in allocation.choices]
+    return stable_hash(profile_key, choices, config.refine_iters, config.ridge_rel, config.importance_power,
+                       config.whitening_eps, str(dtype))
+
+
+def rebuild_compressed_on_meta(model, choices, dtype: torch.dtype) -> None:
+    """Replace each compressed layer of ``choices`` by an empty :class:`SparseDictionaryLinear` of its
+    shape on the meta device (the structure a stored piece of the block has)."""
+    for choice in choices:
+        if choice.dense:
+            continue
+        linear = model.get_submodule(choice.name)
+        replace_module(model, choice.name, SparseDictionaryLinear(
+            choice.d_in, choice.d_out, choice.k, choice.s, bias=getattr(linear, "bias", None) is not None,
+            dtype=dtype, device="meta"))
+
+
+def compress_blocks_offloaded(off: OffloadedModel, structure, allocation, grams, config, dtype, progress,
+                              pieces_dir: Path) -> dict:
+    """Factor block by block; each compressed block goes to its piece file under ``pieces_dir`` (with its
+    checks beside it) and back to meta. Blocks whose piece an interrupted run already wrote are not
+    factored again."""
     worst = {"profile_vs_shipped": 0.0, "profile_vs_direct": 0.0}
+    pieces_dir.mkdir(parents=True, exist_ok=True)
+    by_name = {c.name: c for c in allocation.choices}
+    reused = 0
     for b in tqdm(range(len(structure.blocks)), desc="compression (blocks)", disable=not progress):
-        off.pin(b)
-        checks = apply_allocation(off.model, structure, allocation, grams, config, dtype, False, None,
-                                  only=set(structure.targets[b]))
+        piece, record = pieces_dir / f"block-{b:05d}.safetensors", pieces_dir / f"block-{b:05d}.json"
+        if piece.is_file() and record.is_file():
+            rebuild_compressed_on_meta(off.model, [by_name[n] for n in structure.targets[b] if n in by_name], dtype)
+            off.adopt_piece(b, piece)
+            checks = json.loads(record.read_text())
+            reused += 1
+        else:
+            off.pin(b)
+            checks = apply_allocation(off.model, structure, allocation, grams, config, dtype, False, None,
+                                      only=set(structure.targets[b]))
+            off.store_block(b, piece)
+            write_json_atomic(record, {key: checks[key] for key in worst})
         for key in worst:
             worst[key] = max(worst[key], checks[key])
-        off.store_block(b)
+    if reused:
+        log.info("compression: %d of %d blocks reused from %s (an interrupted run)", reused, len(structure.blocks),
+                 pieces_dir)
     return worst
 
 
@@ -93,7 +134,6 @@ def compress_offloaded(model, tokenizer, config: RocketConfig, *, cache_dir=None
     from rocketlm.distributed.profiling import open_profile_store
     from rocketlm.pipeline import (CompressionResult, default_cache_dir, run_keys, targets_fingerprint,
                                    value_dtype)
-    from pathlib import Path
 
     check_offload_supported(config, dist)
     off: OffloadedModel = model.rocketlm_offload
@@ -121,6 +161,7 @@ def compress_offloaded(model, tokenizer, config: RocketConfig, *, cache_dir=None
     log.info("allocation: %s cost, removed %.2f%% (target %.2f%%)", config.cost,
              100 * allocation.achieved_removed_ratio, 100 * config.removed_ratio)
     with stage("compression", stats):
-        checks = compress_blocks_offloaded(off, structure, allocation, grams, config, dtype, progress)
+        pieces = cache / "compressed" / pieces_key(keys.profile, allocation, config, dtype)
+        checks = compress_blocks_offloaded(off, structure, allocation, grams, config, dtype, progress, pieces)
     checks = {**checks, "calibration_source": source, "profile_store": str(store.path), "offload": "disk"}
     return CompressionResult(model, tokenizer, config, allocation, profiles, stats, keys, checks)
