@@ -74,6 +74,7 @@ def refit_factors(W: torch.Tensor, S: torch.Tensor, cross: torch.Tensor | None, 
     basis = layer_basis(target, S, importance_power=config.importance_power,
                         dtype=getattr(torch, config.profile_dtype))
     fact = factorize_candidate(basis, k, s, ridge_rel=config.ridge_rel, with_factors=True)
+    del basis  # not needed by the refits
     U, V, _ = refine(target, S, fact, k, s, config.refine_iters)
     return RefitFactors(U, V, fact.mask, target, fact.error_output)
 
