@@ -8,8 +8,9 @@
 Measured 2026-12-04 (one thread, shared machine, 8 x 256 tokens, grid removed=0.3,0.5;ks=1,2, fisher cost,
 3 refits; peak RSS from /proc VmHWM per stage, over three runs resumed from the cache): 16 layers, 4.94 GB
 in memory: calibration 2.38 GB, profiling 2.53 GB, sensitivities 2.78 GB, compression of the first 3 blocks
-2.79 GB (0.57x; 4.90 GB before the head remap and the chunked refits). Earlier (before the capture and
-whitening fixes): 3.96 GB over calibration and 18 profiled layers.
+2.79 GB. 2026-12-05, end to end (resumed with calibration, profiles and sensitivities cached; this script's
+/usr/bin/time figure): peak RSS 4.04 GB = 0.82x the model over the whole compression stage (16 blocks,
+4815 s on one thread of a shared machine), the spikes inside the 8192-wide layers' factorizations.
 
 Random weights are fine: this measures memory and time, not quality. The tokenizer is a small
 word-level one trained on the fly (ids < 500, a subset of the 128256-token vocabulary).
