@@ -16,6 +16,7 @@ from rocketlm.factorization.refit import alternating_refit
 from rocketlm.factorization.sparse_dictionary import Factorization, direct_errors, factorize_candidate, layer_basis
 from rocketlm.factorization.whitening import weight_matrix, whitened_layers
 from rocketlm.models.discovery import DecoderStructure
+from rocketlm.monitor import release_free_heap
 
 
 def apply_allocation(model, structure: DecoderStructure, allocation: Allocation, grams_store: GramStore,
@@ -53,6 +54,8 @@ def apply_allocation(model, structure: DecoderStructure, allocation: Allocation,
             e_w, e_o = direct_errors(W, S, module.U.double() @ module.dense_V().double())
             check_agreement(name, worst, choice, fact, e_w, e_o, refined)
             replace_module(model, name, module.to(device))
+            del W, S, fact, U, V, module
+            release_free_heap()
             bar.update(1)
     return worst
 
