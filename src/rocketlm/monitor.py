@@ -31,7 +31,8 @@ def release_free_heap() -> None:
 
     The factorizations free many 10-30 MB float64 arrays, below glibc's largest mmap threshold, so they come
     from the heap, whose freed pages stay resident; trimming after each layer lowered the peak RSS of the
-    offloaded 1B-shaped compression from 2.41 to 2.11 GB over its first five blocks (one call: a few ms)."""
+    offloaded 1B-shaped compression from 2.67 to 2.30 GB over its first five blocks (two runs side by side;
+    one call: a few ms)."""
     if not _LIBC:
         try:
             import ctypes
