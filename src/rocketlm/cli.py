@@ -193,10 +193,13 @@ def _cmd_compress(args) -> int:
         with dist.step("checking the inputs"):
             check_compress_inputs(config, args.out, args.data, overwrite=args.overwrite,
                                   world_size=dist.world_size)
+        from rocketlm.offload.model import load_offloaded, resolve_offload
+        # one choice for every rank (rank 0's), counting the processes of this host that each hold a copy
+        offload = dist.on_main(lambda: resolve_offload(config.offload, config.model, config.device,
+                                                       processes=dist.local_world_size), "choosing the offload")
         with dist.step("loading the model"):
-            from rocketlm.offload.model import load_offloaded, resolve_offload
-            if resolve_offload(config.offload, config.model, config.device) == "disk":
-                model, tokenizer = load_offloaded(config.model, device=config.device, dtype=args.dtype)
+            if offload == "disk":
+                model, tokenizer = load_offloaded(config.model, device=dist.device(config.device), dtype=args.dtype)
             else:
                 model, tokenizer = load_model(config.model, device=dist.device(config.device), dtype=args.dtype)
         result = compress(model, tokenizer, config, cache_dir=args.cache_dir, data_dir=args.data,

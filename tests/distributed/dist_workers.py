@@ -35,8 +35,9 @@ def _inject(rank: int, fault: dict | None) -> None:
 
 
 def compress_rank(rank: int, world: int, port: int, model_dir: str, config, cache_dirs: list[str], out: str,
-                  fault: dict | None = None, timeout_s: float = 60.0) -> None:
-    """One rank of a run of :func:`rocketlm.compress`; rank 0 saves the checkpoint to ``OUT/ckpt``."""
+                  fault: dict | None = None, timeout_s: float = 60.0, offload: bool = False) -> None:
+    """One rank of a run of :func:`rocketlm.compress` (``offload``: the model loaded with ``--offload disk``);
+    rank 0 saves the checkpoint to ``OUT/ckpt``."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -47,7 +48,11 @@ def compress_rank(rank: int, world: int, port: int, model_dir: str, config, cach
     dist = init_from_env("cpu", timeout_s=timeout_s)
     try:
         _inject(rank, fault)
-        model, tok = load_model(model_dir)
+        if offload:
+            from rocketlm.offload.model import load_offloaded
+            model, tok = load_offloaded(model_dir)
+        else:
+            model, tok = load_model(model_dir)
         result = compress(model, tok, config, cache_dir=cache_dirs[rank], progress=False, dist=dist)
         dist.on_main(lambda: save_compressed(result, Path(out) / "ckpt"), "writing the checkpoint", broadcast=False)
         record.update(ok=True, choices=[(c.name, c.dense, c.k, c.s) for c in result.allocation.choices],
@@ -60,13 +65,14 @@ def compress_rank(rank: int, world: int, port: int, model_dir: str, config, cach
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
 
 
-def spawn_compress(world: int, model_dir, config, cache_dirs, out, fault=None, timeout_s: float = 60.0) -> list[dict]:
+def spawn_compress(world: int, model_dir, config, cache_dirs, out, fault=None, timeout_s: float = 60.0,
+                   offload: bool = False) -> list[dict]:
     """Run ``world`` ranks to the end; every rank's record."""
     import torch.multiprocessing as mp
     Path(out).mkdir(parents=True, exist_ok=True)
     cache_dirs = [str(c) for c in cache_dirs]
     mp.start_processes(compress_rank, args=(world, free_port(), str(model_dir), config, cache_dirs, str(out), fault,
-                                            timeout_s), nprocs=world, start_method="spawn", join=True)
+                                            timeout_s, offload), nprocs=world, start_method="spawn", join=True)
     return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world)]
 
 

@@ -115,3 +115,36 @@ def test_separate_caches_without_shared_file_system(tiny_dir, single, tmp_path):
     assert_grams_match(caches[0], caches[1], rel=0.0)
     assert allocation_of(tmp_path / "out" / "ckpt") == allocation_of(single / "ckpt")
     assert_checkpoints_match(single / "ckpt", tmp_path / "out" / "ckpt")
+
+
+def test_torchrun_offloaded_two_processes_equal_single_process_in_memory(tiny_dir, single, tmp_path):
+    """--offload disk under torchrun: each rank holds one block at a time, calibration and sensitivities
+    data-parallel, profiling layer-parallel, compression block-parallel (pieces handed over in the cache)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROCKETLM_DIST_TIMEOUT": "120"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "rocketlm", "compress", str(tiny_dir), "--offload", "disk", "--out", str(tmp_path / "ckpt"),
+           "--cache-dir", str(tmp_path / "cache"), "--data", str(single / "data"), *ARGS]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("model.safetensors:") == 1
+    assert_grams_match(single / "cache", tmp_path / "cache")
+    assert_sensitivities_match(single / "cache", tmp_path / "cache")
+    assert allocation_of(tmp_path / "ckpt") == allocation_of(single / "ckpt")
+    assert_checkpoints_match(single / "ckpt", tmp_path / "ckpt")
+    manifest = json.loads((tmp_path / "ckpt" / "rocketlm.json").read_text())
+    assert manifest["checks"]["offload"] == "disk" and [r["rank"] for r in manifest["checks"]["ranks"]] == [0, 1]
+    store = Path(manifest["checks"]["profile_store"])
+    assert len(store.read_text().splitlines()) == len(manifest["allocation"]["choices"])
+    assert not list(store.parent.glob("layers.rank*.jsonl"))
+    (pieces,) = list((tmp_path / "cache" / "compressed").iterdir())
+    blocks = json.loads((tiny_dir / "config.json").read_text())["num_hidden_layers"]
+    assert len(list(pieces.glob("block-*.safetensors"))) == blocks and not list(pieces.glob("*.partial"))
+
+
+def test_offloaded_ranks_without_a_shared_cache_are_refused(tiny_dir, single, tmp_path):
+    """The compressed blocks travel as files in the cache: ranks that do not see it stop before calibrating."""
+    caches = [tmp_path / "cache0", tmp_path / "cache1"]
+    records = spawn_compress(2, tiny_dir, _config(single), caches, tmp_path / "out", offload=True)
+    assert all(r["ok"] is False for r in records)
+    assert any("shared file system" in r["message"] for r in records), records
+    assert not (caches[0] / "grams").exists()

@@ -160,6 +160,10 @@ def test_offload_modes_resolve_and_validate(tmp_path):
     assert resolve_offload("cpu", path, "cpu") == "none"
     assert resolve_offload("auto", path) == "none"  # a tiny model fits
     assert resolve_offload("auto", path, headroom=0.0) == "disk"
+    from rocketlm.offload.model import available_memory_bytes, weights_bytes
+    copies = int(available_memory_bytes() / weights_bytes(path)) + 1  # processes of a host that each load a copy
+    assert resolve_offload("auto", path, processes=copies // 4) == "none"
+    assert resolve_offload("auto", path, processes=copies) == "disk"
     with pytest.raises(ConfigError, match="offload"):
         RocketConfig(offload="gpu")
     with pytest.raises(ConfigError, match="offload"):

@@ -43,7 +43,7 @@ def reduce_block(b: int, grams: BlockGrams, dist: DistContext) -> BlockGrams:
     return grams
 
 
-def _block_step(b: int, blocks, dist: DistContext) -> BlockGrams | None:
+def block_step(b: int, blocks, dist: DistContext) -> BlockGrams | None:
     """Advance the local forward by one block and check every rank produced the same Gram layout."""
     error, grams = None, None
     try:
@@ -74,7 +74,7 @@ def calibrate_parallel(model, structure: DecoderStructure, windows: torch.Tensor
     with tqdm(total=max(missing) + 1, desc=desc, disable=not progress) as bar:
         blocks = iterate_block_grams(model, structure, windows[start:stop], config.calib_batch_size, skip, bar)
         for b in range(max(missing) + 1):
-            grams = _block_step(b, blocks, dist)
+            grams = block_step(b, blocks, dist)
             if grams is None:
                 continue
             reduce_block(b, grams, dist)

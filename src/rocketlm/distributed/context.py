@@ -72,6 +72,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # processes on this host (each holds its own copy of the model)
     backend: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
     host: str = field(default_factory=socket.gethostname)
@@ -239,7 +240,7 @@ def init_from_env(device: str | torch.device | None = "cpu", timeout_s: float | 
         raise DistributedError("this torch build has no torch.distributed; run without torchrun")
     timeout_s = _env_timeout() if timeout_s is None else timeout_s
     ctx = DistContext(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-                      timeout_s=timeout_s)
+                      local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)), timeout_s=timeout_s)
     device = ctx.device(device)
     ctx.backend = dist.Backend.default_device_backend_map.get(device.type, "gloo")
     if device.type != "cpu":

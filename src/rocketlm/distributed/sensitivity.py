@@ -41,9 +41,11 @@ def reduce_sums(sums: SensitivitySums, device: torch.device, dist: DistContext) 
 
 def sensitivities_parallel(model, structure: DecoderStructure, windows: torch.Tensor, samples: int,
                            cache_dir: Path, calibration_key: str, progress: bool,
-                           dist: DistContext) -> dict[str, LayerSensitivity]:
+                           dist: DistContext, hold=None, spill_dir: Path | None = None) -> dict[str, LayerSensitivity]:
     """:func:`rocketlm.calibration.sensitivity.cached_sensitivities` over every rank: rank 0's cache if it has
-    one, otherwise each rank measures its share of the first ``samples`` windows and the sums are reduced."""
+    one, otherwise each rank measures its share of the first ``samples`` windows and the sums are reduced.
+    ``hold`` and ``spill_dir``: as :func:`rocketlm.calibration.sensitivity.measure_sensitivity_sums` (an offloaded
+    model's block holder and work directory)."""
     path = sensitivity_cache_path(cache_dir, calibration_key, samples)
     cached = dist.on_main(lambda: read_sensitivity_cache(path), "reading the sensitivity cache")
     if cached is not None:
@@ -54,7 +56,8 @@ def sensitivities_parallel(model, structure: DecoderStructure, windows: torch.Te
     log.info("sensitivities: %s measures windows %d..%d of %d", dist.tag, start, stop - 1, windows.shape[0])
     sums = None
     with dist.step("measuring the layer sensitivities"):
-        sums = measure_sensitivity_sums(model, structure, windows[start:stop], progress=progress)
+        sums = measure_sensitivity_sums(model, structure, windows[start:stop], progress=progress, hold=hold,
+                                        spill_dir=spill_dir)
     device = next(p for p in model.parameters() if p.device.type != "meta").device
     result = reduce_sums(sums, device, dist).finish()
     dist.on_main(lambda: write_sensitivity_cache(path, calibration_key, samples, result),

@@ -330,9 +330,10 @@ def weights_bytes(directory: str | Path) -> int:
     return sum(s.end - s.start for s in model_sources(directory).values())
 
 
-def resolve_offload(mode: str, model: str, device: str = "cpu", headroom: float = 0.5) -> str:
+def resolve_offload(mode: str, model: str, device: str = "cpu", headroom: float = 0.5, processes: int = 1) -> str:
     """``disk`` or ``none`` for a requested mode. ``auto``: disk when ``model`` is a local safetensors
-    directory whose weights exceed ``headroom`` x the available memory. ``cpu``: the weights stay in host
+    directory whose weights, times the ``processes`` of this host that each load a copy, exceed ``headroom``
+    x the available memory. ``cpu``: the weights stay in host
     memory; with a CPU compute device that is the in-memory path, with an accelerator the blocks are
     onloaded from the (page-cached) safetensors file, i.e. ``disk``."""
     if mode in ("none", "disk"):
@@ -344,7 +345,7 @@ def resolve_offload(mode: str, model: str, device: str = "cpu", headroom: float 
         size = weights_bytes(directory) if directory.is_dir() else 0
     except ModelLoadError:
         size = 0
-    choice = "disk" if size > headroom * available_memory_bytes() else "none"
-    log.info("offload auto: weights %.2f GB, available %.2f GB -> %s", size / 1e9, available_memory_bytes() / 1e9,
-             choice)
+    choice = "disk" if size * processes > headroom * available_memory_bytes() else "none"
+    log.info("offload auto: weights %.2f GB x %d process(es), available %.2f GB -> %s", size / 1e9, processes,
+             available_memory_bytes() / 1e9, choice)
     return choice
