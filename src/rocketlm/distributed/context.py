@@ -204,13 +204,21 @@ class DistContext:
         that does not see rank 0's ``directory`` (no shared file system) the lowest rank of that host."""
         if not self.distributed:
             return True
+        sees = self.probe_shared(directory)
+        blind = [r for r, (host, seen) in enumerate(sees) if host == self.host and not seen]
+        return self.is_main or (bool(blind) and blind[0] == self.rank)
+
+    def probe_shared(self, directory: str | os.PathLike) -> list[tuple[str, bool]]:
+        """``(host, sees rank 0's directory)`` of every rank (collective): rank 0 writes a probe file in
+        ``directory``, every rank looks for it."""
         directory = Path(directory)
+        if not self.distributed:
+            return [(self.host, True)]
         name = self.on_main(lambda: _touch_probe(directory), "probing the cache directory")
         sees = self.all_gather((self.host, (directory / name).exists()))
         if self.is_main:
             (directory / name).unlink(missing_ok=True)
-        blind = [r for r, (host, seen) in enumerate(sees) if host == self.host and not seen]
-        return self.is_main or (bool(blind) and blind[0] == self.rank)
+        return sees
 
     def close(self) -> None:
         if self.owns_group and torch.distributed.is_initialized():

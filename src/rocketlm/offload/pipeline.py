@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import time
 from pathlib import Path
 
 import torch
@@ -51,14 +49,7 @@ def check_shared_cache(cache: Path, dist: DistContext) -> None:
     if not dist.distributed:
         return
     cache.mkdir(parents=True, exist_ok=True)
-    probe = dist.on_main(lambda: f".probe-{os.getpid()}-{time.time_ns()}", "naming the cache probe")
-    with dist.step("probing the cache directory"):
-        if dist.is_main:
-            (cache / probe).touch()
-    sees = dist.all_gather((cache / probe).exists())
-    if dist.is_main:
-        (cache / probe).unlink(missing_ok=True)
-    blind = [r for r, seen in enumerate(sees) if not seen]
+    blind = [r for r, (_, seen) in enumerate(dist.probe_shared(cache)) if not seen]
     if blind:
         raise ConfigError(f"--offload disk with several processes needs a cache directory every rank sees "
                           f"(ranks {blind} do not see {cache}): pass --cache-dir on a shared file system")
