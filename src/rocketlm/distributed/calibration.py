@@ -43,7 +43,7 @@ def reduce_block(b: int, grams: BlockGrams, dist: DistContext) -> BlockGrams:
     return grams
 
 
-def block_step(b: int, blocks, dist: DistContext) -> BlockGrams | None:
+def _block_step(b: int, blocks, dist: DistContext) -> BlockGrams | None:
     """Advance the local forward by one block and check every rank produced the same Gram layout."""
     error, grams = None, None
     try:
@@ -58,8 +58,10 @@ def block_step(b: int, blocks, dist: DistContext) -> BlockGrams | None:
 
 
 def calibrate_parallel(model, structure: DecoderStructure, windows: torch.Tensor, config: RocketConfig,
-                       store: GramStore, progress: bool, dist: DistContext) -> None:
-    """Accumulate the missing blocks' Grams over every rank's share of ``windows``; store writers save them."""
+                       store: GramStore, progress: bool, dist: DistContext, after_block=None) -> None:
+    """Accumulate the missing blocks' Grams over every rank's share of ``windows``; store writers save them.
+    ``after_block(b)``: called once block ``b``'s Grams are handed out (an offloaded model moves on to the
+    next block there)."""
     n_blocks = len(structure.blocks)
     writer = dist.is_writer(store.dir)
     missing = missing_blocks(store, n_blocks, dist)
@@ -70,14 +72,19 @@ def calibrate_parallel(model, structure: DecoderStructure, windows: torch.Tensor
     log.info("calibration: %s forwards windows %d..%d of %d%s", dist.tag, start, stop - 1, windows.shape[0],
              ", writes the Gram cache" if writer else "")
     skip = set(range(n_blocks)) - set(missing)
-    desc = f"calibration (blocks), {dist.tag}: windows {start}..{stop - 1}"
+    desc = "calibration (blocks)" + (f", {dist.tag}: windows {start}..{stop - 1}" if dist.distributed else "")
     with tqdm(total=max(missing) + 1, desc=desc, disable=not progress) as bar:
         blocks = iterate_block_grams(model, structure, windows[start:stop], config.calib_batch_size, skip, bar)
-        for b in range(max(missing) + 1):
-            grams = block_step(b, blocks, dist)
-            if grams is None:
-                continue
-            reduce_block(b, grams, dist)
-            with dist.step(f"writing the Grams of block {b}"):
-                if writer and not store.has(b):
-                    store.put(b, grams)
+        try:
+            for b in range(max(missing) + 1):
+                grams = _block_step(b, blocks, dist)
+                if grams is not None:
+                    reduce_block(b, grams, dist)
+                    with dist.step(f"writing the Grams of block {b}"):
+                        if writer and not store.has(b):
+                            store.put(b, grams)
+                del grams  # before the next block's Grams are accumulated
+                if after_block is not None:
+                    after_block(b)
+        finally:
+            blocks.close()

@@ -96,6 +96,12 @@ def profile_parallel(model, structure: DecoderStructure, grams_store: GramStore,
         shard = ShardStore(store.dir, dist.rank)
         run_profiling(model, structure, grams_store, shard, config, value_dtype, progress, layers=share,
                       desc=f"profiling (layers), {dist.tag}")
+    collect_shards(shard, store, dist)
+    return [store.layers[name] for name in structure.all_targets] if dist.is_main else []
+
+
+def collect_shards(shard: ShardStore, store: ProfileStore, dist: DistContext) -> None:
+    """Every rank's ``shard`` gathered into rank 0's ``store``; the shards are then removed."""
     gathered = dist.gather_to_main(list(shard.layers.values()))
     with dist.step("saving the profiles"):
         if dist.is_main:
@@ -103,4 +109,3 @@ def profile_parallel(model, structure: DecoderStructure, grams_store: GramStore,
                 if profile.name not in store:
                     store.put(profile)
     shard.remove()
-    return [store.layers[name] for name in structure.all_targets] if dist.is_main else []

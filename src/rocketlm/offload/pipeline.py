@@ -16,15 +16,14 @@ from tqdm.auto import tqdm
 
 from rocketlm.allocation.costs import needs_sensitivity
 from rocketlm.allocation.plan import allocate
-from rocketlm.calibration.grams import iterate_block_grams
 from rocketlm.calibration.run import calibration_windows
 from rocketlm.calibration.sensitivity import attach_sensitivities
 from rocketlm.calibration.store import GramStore
 from rocketlm.compression.apply import apply_allocation
 from rocketlm.compression.modules import SparseDictionaryLinear, replace_module
 from rocketlm.config import RocketConfig
-from rocketlm.distributed.assign import balance, batch_share, factor_cost
-from rocketlm.distributed.calibration import block_step, missing_blocks, reduce_block
+from rocketlm.distributed.assign import balance, factor_cost
+from rocketlm.distributed.calibration import calibrate_parallel
 from rocketlm.distributed.context import SINGLE, DistContext
 from rocketlm.errors import ConfigError
 from rocketlm.models.discovery import DecoderStructure, decoder_structure
@@ -57,35 +56,21 @@ def check_shared_cache(cache: Path, dist: DistContext) -> None:
 
 def calibrate_offloaded(off: OffloadedModel, structure: DecoderStructure, windows: torch.Tensor,
                         config: RocketConfig, store: GramStore, progress: bool, dist: DistContext = SINGLE) -> None:
-    """:func:`rocketlm.calibration.run.run_calibration`, block ``b`` pinned while its windows run; under
-    torchrun each rank runs its share of the windows and the Grams are summed (as
-    :func:`rocketlm.distributed.calibration.calibrate_parallel`)."""
+    """:func:`rocketlm.distributed.calibration.calibrate_parallel` (one process or several), block ``b + 1``
+    pinned once block ``b``'s Grams are handed out."""
     n = len(structure.blocks)
-    missing = missing_blocks(store, n, dist)
-    if not missing:
-        return
-    writer = dist.is_writer(store.dir)
-    start, stop = batch_share(windows.shape[0], config.calib_batch_size, dist.rank, dist.world_size)
-    skip = set(range(n)) - set(missing)
-    desc = "calibration (blocks)" + (f", {dist.tag}: windows {start}..{stop - 1}" if dist.distributed else "")
-    with off.without_head(), tqdm(total=max(missing) + 1, desc=desc, disable=not progress) as bar:
-        # block 0 is read when it first runs (the keyword-capture forward and the first windows run every
-        # block on demand, one at a time); from then on block b + 1 is pinned while block b's Grams are handed out
-        blocks = iterate_block_grams(off.model, structure, windows[start:stop], config.calib_batch_size, skip, bar)
+
+    def next_block(b: int) -> None:
+        off.release(b)
+        if b + 1 < n:
+            off.pin(b + 1)
+
+    # block 0 is read when it first runs (the keyword-capture forward and the first windows run every
+    # block on demand, one at a time); from then on block b + 1 is pinned while block b's Grams are handed out
+    with off.without_head():
         try:
-            for b in range(max(missing) + 1):
-                grams = block_step(b, blocks, dist)
-                if grams is not None:
-                    reduce_block(b, grams, dist)
-                    with dist.step(f"writing the Grams of block {b}"):
-                        if writer and not store.has(b):
-                            store.put(b, grams)
-                del grams
-                off.release(b)
-                if b + 1 < n:
-                    off.pin(b + 1)
+            calibrate_parallel(off.model, structure, windows, config, store, progress, dist, after_block=next_block)
         finally:
-            blocks.close()
             for b in list(off.pinned):
                 off.release(b)
 
@@ -95,7 +80,7 @@ def profile_offloaded(off: OffloadedModel, structure, grams, store, config, dtyp
     """Profile the layers missing from ``store`` block by block, the block resident while its layers run;
     under torchrun each rank takes its share of the layers (as in memory) and holds only the blocks they are
     in. Every profile on rank 0, ``[]`` elsewhere."""
-    from rocketlm.distributed.profiling import ShardStore, assign_layers
+    from rocketlm.distributed.profiling import ShardStore, assign_layers, collect_shards
 
     todo = dist.on_main(lambda: [n for n in structure.all_targets if n not in store], "planning the profiling")
     share = set(assign_layers(off.model, todo, config, dist)) if dist.distributed else set(todo)
@@ -109,13 +94,7 @@ def profile_offloaded(off: OffloadedModel, structure, grams, store, config, dtyp
                 run_profiling(off.model, structure, grams, target, config, dtype, False, None, layers=names)
             bar.update(1)
     if dist.distributed:
-        gathered = dist.gather_to_main(list(target.layers.values()))
-        with dist.step("saving the profiles"):
-            if dist.is_main:
-                for profile in (p for part in gathered for p in part):
-                    if profile.name not in store:
-                        store.put(profile)
-        target.remove()
+        collect_shards(target, store, dist)
     return [store.layers[name] for name in structure.all_targets] if dist.is_main else []
 
 
@@ -173,6 +152,10 @@ def compress_blocks_offloaded(off: OffloadedModel, structure, allocation, grams,
         off.adopt_piece(b, piece)
         return json.loads(record.read_text())
 
+    def keep_worst(checks: dict) -> None:
+        for key in worst:
+            worst[key] = max(worst[key], checks[key])
+
     share = assign_blocks(structure, allocation, config, dist)
     desc = "compression (blocks)" + (f", {dist.tag}" if dist.distributed else "")
     with dist.step("compressing"):
@@ -187,15 +170,12 @@ def compress_blocks_offloaded(off: OffloadedModel, structure, allocation, grams,
                                           only=set(structure.targets[b]))
                 off.store_block(b, piece)
                 write_json_atomic(record, {key: checks[key] for key in worst})
-            for key in worst:
-                worst[key] = max(worst[key], checks[key])
+            keep_worst(checks)
     if dist.distributed:
         with dist.step("adopting the other ranks' blocks"):
             if dist.is_main:
                 for b in sorted(set(range(len(structure.blocks))) - set(share)):
-                    checks = adopt(b)
-                    for key in worst:
-                        worst[key] = max(worst[key], checks[key])
+                    keep_worst(adopt(b))
     if reused:
         log.info("compression: %d of %d blocks reused from %s (an interrupted run)", reused, len(share), pieces_dir)
     return worst
