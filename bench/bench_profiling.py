@@ -4,9 +4,12 @@ Calibrates (or reuses cached Grams from --cache-dir), then profiles every target
 fresh temporary profile store and times it (wall and CPU seconds, with the load average, since the
 machine may be shared), then allocates with both costs at --ratios. ``--compare`` profiles a second
 time with every candidate (``ks_search="exhaustive"``) and reports whether the allocations agree.
+``--workers 1,2`` profiles once per count of layers profiled at once (``RocketConfig.profile_workers``; 0 =
+auto), in one process, and prints the ratio of their wall times and whether the allocations agree.
 
     python bench/bench_profiling.py --calib-samples 64 --seq-len 512 \\
         --grid "removed=0.05:0.70:0.05;ks=1.0,1.5,2.0,2.5,3.0" --threads 2 --compare
+    python bench/bench_profiling.py --threads 2 --ks-search exhaustive --workers 1,2
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from rocketlm.calibration.run import calibration_windows, run_calibration
 from rocketlm.calibration.store import GramStore
 from rocketlm.models.discovery import decoder_structure
 from rocketlm.pipeline import default_cache_dir, run_keys, targets_fingerprint
-from rocketlm.profiling.run import run_profiling
+from rocketlm.profiling.run import profile_workers, run_profiling
 from rocketlm.profiling.store import ProfileStore
 
 
@@ -36,6 +39,7 @@ def profile_all(model, structure, grams, config, value_dtype, save: str | None):
         load, start, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
         profiles = run_profiling(model, structure, grams, store, config, value_dtype, progress=False)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        profile_all.wall = wall
         if save:
             with open(save, "w") as handle:
                 handle.writelines(json.dumps(p.to_json()) + "\n" for p in profiles)
@@ -43,12 +47,14 @@ def profile_all(model, structure, grams, config, value_dtype, save: str | None):
     for prof in profiles:
         per_kind[prof.name.rsplit(".", 1)[1]].append((prof.seconds, len(prof.candidates)))
     n_cand = sum(len(p.candidates) for p in profiles)
-    print(f"profiling (ks_search={config.ks_search}): {len(profiles)} layers, {n_cand} candidates, wall {wall:.1f} s, "
+    workers = profile_workers(config.profile_workers, torch.device("cpu"))
+    print(f"profiling (ks_search={config.ks_search}, {workers} layer(s) at once): {len(profiles)} layers, "
+          f"{n_cand} candidates, wall {wall:.1f} s, "
           f"CPU {cpu:.1f} s, torch threads {torch.get_num_threads()}, load average {load:.2f} -> "
           f"{os.getloadavg()[0]:.2f}")
     for kind, rows in per_kind.items():
         secs = sum(s for s, _ in rows)
-        print(f"  {kind:<10} {secs:7.1f} s wall, {sum(c for _, c in rows):6d} candidates")
+        print(f"  {kind:<10} {secs:7.1f} layer-seconds, {sum(c for _, c in rows):6d} candidates")
     return profiles
 
 
@@ -80,6 +86,7 @@ def main() -> None:
     p.add_argument("--data", default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--workers", default="0", help="comma list of layers profiled at once (0 = auto) [0]")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,7 +102,16 @@ def main() -> None:
     run_calibration(model, structure, windows, config, grams, progress=False)
     print(f"calibration (0 s if cached): {time.perf_counter() - start:.1f} s")
     ratios = [float(r) for r in args.ratios.split(",")]
-    found = allocations(profile_all(model, structure, grams, config, value_dtype, args.save), ratios)
+    walls, found = {}, None
+    for workers in (int(w) for w in args.workers.split(",")):
+        run = config.replace(profile_workers=workers)
+        got = allocations(profile_all(model, structure, grams, run, value_dtype, args.save), ratios)
+        walls[workers] = profile_all.wall
+        if found is not None:
+            differ = sum(a != b for key in got for a, b in zip(got[key], found[key]))
+            print(f"--workers {workers}: {walls[next(iter(walls))] / profile_all.wall:.2f}x the first count's speed; "
+                  + ("identical allocations" if not differ else f"{differ} layer choices differ"))
+        found = found or got
     if args.compare:
         full = config.replace(ks_search="exhaustive")
         save = args.save and args.save.removesuffix(".jsonl") + ".exhaustive.jsonl"

@@ -52,6 +52,9 @@ def _compress_parser(sub) -> None:
                    help="auto: per (layer, removed ratio) profile only the ks a descent visits for every cost (the "
                         "best ks are exact where the error is unimodal in ks, scanned where not); exhaustive: every "
                         f"candidate of the grid (default {d.ks_search})")
+    p.add_argument("--profile-workers", type=int,
+                   help="layers profiled at once in this process, sharing its threads (default: 2 on a CPU with "
+                        ">= 2 threads, else 1; 1 in offloaded runs)")
     p.add_argument("--dtype", help="dtype to load the model in (default: the checkpoint's)")
     p.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"), help="dtype of the saved tensors")
     p.add_argument("--cache-dir", help="where Grams and profiles are cached (default: $ROCKETLM_CACHE or ~/.cache/rocketlm)")
@@ -159,7 +162,8 @@ _FLAG_TO_FIELD = {"ratio": "removed_ratio", "cost": "cost", "budget_count": "bud
                   "sequential": "sequential", "upstream_correction": "upstream_correction",
                   "sequential_damping": "sequential_damping",
                   "refine_iters": "refine_iters", "sensitivity_samples": "sensitivity_samples",
-                  "offload": "offload", "ks_search": "ks_search"}
+                  "offload": "offload", "ks_search": "ks_search",
+                  "profile_workers": "profile_workers"}
 
 
 def _config_from_args(args: argparse.Namespace) -> RocketConfig:

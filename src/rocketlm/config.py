@@ -110,6 +110,9 @@ class RocketConfig:
     # costs): it visits 88% of the full grid's candidates (weight, output and blend each want their own path)
     # and loses the incremental products shared along one ks: full grid 280 s vs 302 s, reference grid
     # (5 ks values) 94 s vs 76 s.
+    profile_workers: int = 0  # layers profiled at once in one process (threads sharing its intra-op threads);
+    # 0 = auto: 2 on a CPU with >= 2 threads (0.78x the time on SmolLM2, 2 cores), 1 on other devices and
+    # offloaded runs. Does not change the profiles beyond floating-point summation order.
     # compression stage (rocketlm.compression.sequential): statistics and target each chosen layer is factored with
     sequential: bool = False  # factor each layer with the Gram of its input in the model compressed so far
     upstream_correction: bool = False  # (needs sequential) fit the dense model's outputs X_d W from compressed inputs
@@ -163,6 +166,8 @@ class RocketConfig:
             raise ConfigError(f"runtime={self.runtime!r}: choose one of {', '.join(RUNTIMES)}")
         if self.ks_search not in KS_SEARCHES:
             raise ConfigError(f"ks_search={self.ks_search!r}: choose one of {', '.join(KS_SEARCHES)}")
+        if self.profile_workers < 0:
+            raise ConfigError(f"profile_workers={self.profile_workers}: must be >= 0 (0 = auto)")
         if self.profile_dtype not in ("float32", "float64"):
             raise ConfigError(f"profile_dtype={self.profile_dtype!r}: choose float32 or float64")
         if self.save_dtype not in (None, "float32", "float16", "bfloat16"):

@@ -24,6 +24,7 @@ from rocketlm.estimation.probe_layers import LayerProbe, LayerSettings, probe_la
 from rocketlm.estimation.project import (Component, RunShape, StageEstimate, layer_seconds, project_allocation,
                                          project_calibration, project_compression, project_profiling)
 from rocketlm.estimation.timing import gemm_rate, process_baseline, using_clock
+from rocketlm.profiling.run import profile_workers, threads_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,13 @@ def _probe_layers(d: ModelDescription, config: RocketConfig, options: EstimateOp
     return probes, whiten
 
 
+def _profile_workers(config: RocketConfig) -> int:
+    """Layers profiled at once per process, as the run would choose (offloaded runs: 1 unless set)."""
+    if config.offload == "disk":
+        return config.profile_workers or 1
+    return profile_workers(config.profile_workers, torch.device(config.device))
+
+
 def _sensitivity_windows(config: RocketConfig) -> int:
     from rocketlm.allocation.costs import needs_sensitivity
     return min(config.sensitivity_samples, config.calib_samples) if needs_sensitivity(config.cost) else 0
@@ -114,7 +122,7 @@ def _sensitivity_windows(config: RocketConfig) -> int:
 def _run_shape(config: RocketConfig, options: EstimateOptions, baseline: int) -> RunShape:
     return RunShape(samples=config.calib_samples, seq_len=config.calib_seq_len, batch_size=config.calib_batch_size,
                     nproc=options.nproc, link_bytes_per_s=options.link_gbps * 1e9, baseline_bytes=baseline,
-                    tokens=config.calib_samples * config.calib_seq_len)
+                    tokens=config.calib_samples * config.calib_seq_len, threads=torch.get_num_threads())
 
 
 def estimate(model: str, config: RocketConfig, options: EstimateOptions = EstimateOptions()) -> CostEstimate:
@@ -135,12 +143,19 @@ def _estimate(model: str, config: RocketConfig, options: EstimateOptions) -> Cos
     prelude, run = _prelude(model, config, options, probe, d, run)
     del probe
     layer_probes, whiten = _probe_layers(d, config, options)
+    workers = _profile_workers(config)
+    if workers > 1:  # profiling runs several layers at once, each on its share of the threads: time it so
+        with threads_per_worker(workers):
+            profile_probes, profile_whiten = _probe_layers(d, config, options)
+    else:
+        profile_probes, profile_whiten = layer_probes, whiten
     value_bytes = torch.empty((), dtype=getattr(torch, _value_dtype(config, d))).element_size()
     allocation = probe_allocation(d, config.grid, config.removed_ratio, config.cost, config.budget_count,
                                   config.alpha, value_bytes, options.repeats)
     disk = probe_disk(options.cache_dir, max(map(d.block_gram_bytes, range(d.n_blocks))))
     stages = [project_calibration(d, calibration, run, disk, prelude),
-              project_profiling(d, layer_probes, whiten, run, disk, config.profile_dtype, allocation.profile_bytes),
+              project_profiling(d, profile_probes, profile_whiten, run, disk, config.profile_dtype,
+                                allocation.profile_bytes, workers),
               project_allocation(d, allocation, run, calibration, _sensitivity_windows(config)),
               project_compression(d, layer_probes, whiten, run, disk, config.removed_ratio, value_bytes,
                                   allocation)]

@@ -58,6 +58,7 @@ class RunShape:
     link_bytes_per_s: float = 10e9  # all_reduce bandwidth between processes
     baseline_bytes: int = 0  # resident size of the process before any model is loaded
     tokens: int = 0  # calibration tokens (samples x seq_len)
+    threads: int = 1  # intra-op threads of each process
 
 
 def rank_batches(samples: int, batch_size: int, rank: int, nproc: int) -> list[int]:
@@ -210,17 +211,23 @@ def layer_seconds(d: ModelDescription, probes: dict[tuple[int, int], LayerProbe]
 
 
 def project_profiling(d: ModelDescription, probes: dict[tuple[int, int], LayerProbe], whiten: dict[int, float],
-                      run: RunShape, disk: DiskProbe, profile_dtype: str, profile_bytes: int) -> StageEstimate:
+                      run: RunShape, disk: DiskProbe, profile_dtype: str, profile_bytes: int,
+                      workers: int = 1) -> StageEstimate:
+    """``workers`` layers at once per process (``probes`` timed on each worker's share of the threads): the
+    layers are packed onto ``nproc x workers`` bins, and each worker holds one layer's work."""
     parts = {}
     for layer in d.layers:
         probe = probes[(layer.d_in, layer.d_out)]
         parts[layer.name] = [Component("whitened basis (float64)", probe.basis_s, "float64"),
                              Component("candidates", max(0.0, probe.profile_s - probe.basis_s), profile_dtype)]
-    slowest = layer_parallel(d, parts, whiten, disk, run.nproc)
-    work = max(layer_work_bytes(layer.d_in, layer.d_out) for layer in d.layers)
+    slowest = layer_parallel(d, parts, whiten, disk, run.nproc * workers)
+    work = workers * max(layer_work_bytes(layer.d_in, layer.d_out) for layer in d.layers)
     memory = _layer_memory(d, run, work, profile_bytes)
     count = sum(p.candidates for p in probes.values())
     notes = (f"profile_layer timed as it runs (candidates it evaluated on the probes: {count})",)
+    if workers > 1:
+        notes += (f"{workers} layers at once per process, each timed on {max(1, run.threads // workers)} of its "
+                  f"{run.threads} threads",)
     return StageEstimate("profiling", sum(c.seconds for c in slowest), sum(memory.values()), tuple(slowest),
                          memory, notes)
 

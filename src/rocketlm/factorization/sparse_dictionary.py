@@ -279,6 +279,10 @@ class ProductState:
 # consecutive removed ratios (step 0.05) change 1-2% of the entries on SmolLM2.
 _INCREMENTAL_MAX_SHARE = 0.1
 
+# the incremental products build CSR tensors; a filter set once, not warnings.catch_warnings per call, which
+# is not thread-safe (layers are profiled on several threads: rocketlm.profiling.run.concurrent_map)
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
 
 def factorize_next(basis: LayerBasis, k: int, s: int, state: ProductState | None,
                    ridge_rel: float = 0.0) -> tuple[Factorization, ProductState | None]:
@@ -356,9 +360,7 @@ def _step_products(basis: LayerBasis, state: ProductState, k: int, s: int, thr: 
     values = signs[by_atom].to(CT.dtype) * basis.Bt[cols, atoms]
     crow = torch.zeros(k + 1, dtype=torch.long, device=CT.device)
     crow[1:] = torch.bincount(atoms, minlength=k).cumsum(0)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        D = torch.sparse_csr_tensor(crow, cols, values, (k, d_out), check_invariants=False)  # Delta, k x d_out
+    D = torch.sparse_csr_tensor(crow, cols, values, (k, d_out), check_invariants=False)  # Delta, k x d_out
     half = 0.5 * values
     CT.index_put_((cols, atoms), half, accumulate=True)  # C_old + Delta / 2
     X = torch.sparse.mm(D, CT)

@@ -91,7 +91,8 @@ def profile_offloaded(off: OffloadedModel, structure, grams, store, config, dtyp
     with dist.step("profiling"), tqdm(total=len(mine), desc=desc, disable=not progress) as bar:
         for b, names in mine:
             with off.holding(b):
-                run_profiling(off.model, structure, grams, target, config, dtype, False, None, layers=names)
+                run_profiling(off.model, structure, grams, target, config, dtype, False, None, layers=names,
+                              workers=config.profile_workers or 1)  # auto: one layer's working set (memory first)
             bar.update(1)
     if dist.distributed:
         collect_shards(target, store, dist)
