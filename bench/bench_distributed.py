@@ -9,6 +9,10 @@ runs are compared (they must be identical).
     python bench/bench_distributed.py                       # SmolLM2-135M at the compress defaults (~20+ min)
     python bench/bench_distributed.py --calib-samples 32 --seq-len 512 \\
         --grid "removed=0.05:0.70:0.05;ks=1.0:3.0:0.5"      # a smaller setting
+    # offloaded (one decoder block resident per process): the model as a local safetensors directory first
+    python -c "from rocketlm import load_model; m, t = load_model('smollm2-135m'); m.save_pretrained('smol'); t.save_pretrained('smol')"
+    python bench/bench_distributed.py --model smol --offload disk --calib-samples 64 --seq-len 512 \
+        --grid "removed=0.05:0.70:0.05;ks=1,1.5,2,2.5,3"
 """
 from __future__ import annotations
 
@@ -43,6 +47,8 @@ def _command(procs: int, args, out: Path, cache: Path) -> list[str]:
         cmd += ["--grid", args.grid]
     if args.data:
         cmd += ["--data", args.data]
+    if args.offload:
+        cmd += ["--offload", args.offload]
     return cmd
 
 
@@ -64,7 +70,8 @@ def run_once(procs: int, args, work: Path) -> dict:
 def report(runs: list[dict], args) -> None:
     base = runs[0]
     print(f"{args.model}: {args.calib_samples} x {args.seq_len} calibration, grid {args.grid or 'default'}, "
-          f"ratio {args.ratio}, cost {args.cost or 'default'}, {args.threads} thread(s) per process, {os.cpu_count()} CPUs")
+          f"ratio {args.ratio}, cost {args.cost or 'default'}, offload {args.offload or 'default'}, "
+          f"{args.threads} thread(s) per process, {os.cpu_count()} CPUs")
     header = f"{'stage':<14}" + "".join(f"{str(r['procs']) + ' proc':>12}" for r in runs)
     header += "".join(f"{'x' + str(r['procs']):>8}" for r in runs[1:])
     print(header)
@@ -92,6 +99,8 @@ def main() -> None:
     p.add_argument("--grid", default=None, help="as rocketlm compress --grid [the default grid]")
     p.add_argument("--data", default=None, help="data directory [$ROCKETLM_DATA]")
     p.add_argument("--work", default=None, help="directory for caches and checkpoints [a temporary one]")
+    p.add_argument("--offload", default=None, choices=("none", "auto", "cpu", "disk"),
+                   help="as rocketlm compress --offload (disk needs --model to be a local safetensors directory)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
