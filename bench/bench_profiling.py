@@ -2,8 +2,10 @@
 
 Calibrates (or reuses cached Grams from --cache-dir), then profiles every targeted layer into a
 fresh temporary profile store and times it (wall and CPU seconds, with the load average, since the
-machine may be shared), then allocates with both costs at --ratios. ``--compare`` profiles a second
-time with every candidate (``ks_search="exhaustive"``) and reports whether the allocations agree.
+machine may be shared), then allocates with each of --costs at --ratios. With ``--ks-search auto`` the
+search finds the best ks of one cost, so it profiles once per cost (``fisher`` would search ``output``'s).
+``--compare`` profiles a second time with every candidate (``ks_search="exhaustive"``) and reports whether
+the best ks per (layer, removed ratio) and the allocations agree.
 ``--workers 1,2`` profiles once per count of layers profiled at once (``RocketConfig.profile_workers``; 0 =
 auto), in one process, and prints the ratio of their wall times and whether the allocations agree.
 
@@ -23,7 +25,7 @@ import time
 import torch
 
 from rocketlm import GridConfig, RocketConfig, load_model
-from rocketlm.allocation.plan import allocate
+from rocketlm.allocation.plan import allocate, layer_options
 from rocketlm.calibration.run import calibration_windows, run_calibration
 from rocketlm.calibration.store import GramStore
 from rocketlm.models.discovery import decoder_structure
@@ -58,10 +60,10 @@ def profile_all(model, structure, grams, config, value_dtype, save: str | None):
     return profiles
 
 
-def allocations(profiles, ratios) -> dict:
+def allocations(profiles, ratios, costs) -> dict:
     result = {}
     for ratio in ratios:
-        for cost in ("weight", "output"):
+        for cost in costs:
             for alpha in ("auto", None):
                 start = time.perf_counter()
                 alloc = allocate(profiles, ratio, cost, alpha=alpha)
@@ -73,12 +75,28 @@ def allocations(profiles, ratios) -> dict:
     return result
 
 
+def profile_and_allocate(model, structure, grams, config, value_dtype, save, ratios, costs):
+    """Profiles (once, or once per cost for a ks search) and the allocations of every cost; the wall time
+    of the profiling, the best ks per (cost, layer, removed ratio) and the allocations."""
+    per_cost = [(c,) for c in costs] if config.ks_search == "auto" else [tuple(costs)]
+    wall, best, found = 0.0, {}, {}
+    for group in per_cost:
+        profiles = profile_all(model, structure, grams, config.replace(cost=group[0]), value_dtype,
+                               save and len(per_cost) > 1 and save.removesuffix(".jsonl") + f".{group[0]}.jsonl" or save)
+        wall += profile_all.wall
+        for cost in group:
+            best.update({(cost, p.name, c.removed_ratio): c.ks for p in profiles for c in layer_options(p, cost)})
+        found.update(allocations(profiles, ratios, group))
+    return wall, best, found
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--grid", default="removed=0.05:0.70:0.05;ks=1.0,1.5,2.0,2.5,3.0")
     p.add_argument("--ratios", default="0.2,0.5")
+    p.add_argument("--costs", default="weight,output", help="costs allocated (and, for a ks search, searched)")
     p.add_argument("--ks-search", default="auto", choices=("auto", "exhaustive"))
     p.add_argument("--compare", action="store_true", help="also profile exhaustively and compare the allocations")
     p.add_argument("--save", default=None, help="write the profiles (JSON lines) here; with --compare, also "
@@ -102,20 +120,27 @@ def main() -> None:
     run_calibration(model, structure, windows, config, grams, progress=False)
     print(f"calibration (0 s if cached): {time.perf_counter() - start:.1f} s")
     ratios = [float(r) for r in args.ratios.split(",")]
-    walls, found = {}, None
+    costs = args.costs.split(",")
+    walls, found, best = {}, None, None
     for workers in (int(w) for w in args.workers.split(",")):
         run = config.replace(profile_workers=workers)
-        got = allocations(profile_all(model, structure, grams, run, value_dtype, args.save), ratios)
-        walls[workers] = profile_all.wall
+        walls[workers], best_ks, got = profile_and_allocate(model, structure, grams, run, value_dtype, args.save,
+                                                            ratios, costs)
         if found is not None:
             differ = sum(a != b for key in got for a, b in zip(got[key], found[key]))
-            print(f"--workers {workers}: {walls[next(iter(walls))] / profile_all.wall:.2f}x the first count's speed; "
+            print(f"--workers {workers}: {walls[next(iter(walls))] / walls[workers]:.2f}x the first count's speed; "
                   + ("identical allocations" if not differ else f"{differ} layer choices differ"))
-        found = found or got
+        found, best = found or got, best or best_ks
     if args.compare:
         full = config.replace(ks_search="exhaustive")
         save = args.save and args.save.removesuffix(".jsonl") + ".exhaustive.jsonl"
-        reference = allocations(profile_all(model, structure, grams, full, value_dtype, save), ratios)
+        wall, reference_best, reference = profile_and_allocate(model, structure, grams, full, value_dtype, save,
+                                                               ratios, costs)
+        print(f"profiling wall: {config.ks_search} {sum(walls.values()) / len(walls):.1f} s (mean over worker counts), "
+              f"exhaustive {wall:.1f} s")
+        missed = [key for key, ks in reference_best.items() if best.get(key) != ks]
+        print(f"best ks per (cost, layer, removed ratio): {len(reference_best) - len(missed)} of {len(reference_best)} "
+              "as the exhaustive profile's" + (f"; differ: {missed[:10]}" if missed else ""))
         for key, choices in found.items():
             differ = sum(a != b for a, b in zip(choices, reference[key]))
             print(f"ratio {key[0]} cost {key[1]} alpha {key[2]}: "

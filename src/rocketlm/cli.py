@@ -49,9 +49,9 @@ def _compress_parser(sub) -> None:
     p.add_argument("--grid", help="candidate grid, e.g. 'removed=0.05:0.70:0.05;ks=1.0:3.0:0.5' (default: the reference grid)")
     p.add_argument("--profile-dtype", choices=("float32", "float64"), help="dtype of the per-candidate algebra")
     p.add_argument("--ks-search", choices=KS_SEARCHES,
-                   help="auto: per (layer, removed ratio) profile only the ks a descent visits for every cost (the "
+                   help="auto: per (layer, removed ratio) profile only the ks a descent visits for the run's cost (the "
                         "best ks are exact where the error is unimodal in ks, scanned where not); exhaustive: every "
-                        f"candidate of the grid (default {d.ks_search})")
+                        f"candidate of the grid (always under --budget-count flops) (default {d.ks_search})")
     p.add_argument("--profile-workers", type=int,
                    help="layers profiled at once in this process, sharing its threads (default: 2 on a CPU with "
                         ">= 2 threads, else 1; 1 in offloaded runs)")

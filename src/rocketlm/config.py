@@ -103,13 +103,13 @@ class RocketConfig:
     ridge_rel: float = 0.0  # dictionary refit ridge relative to mean diag(C C^T); a singular C C^T gets >= 1e-9 anyway
     importance_power: float = 0.5  # importance = |C_ij| * ||S^-1 q_i||^power (reference compression step)
     profile_dtype: str = "float32"  # dtype of the per-candidate algebra (whitening and SVD are always float64)
-    ks_search: str = "exhaustive"  # "exhaustive": every candidate of the grid; "auto": per (layer, removed ratio)
-    # only the candidates a descent over ks visits for every registered cost (exact best ks where the error is
-    # unimodal in ks, a full scan where it is not). Exhaustive is the default because the search does not pay
-    # on SmolLM2-135M (bench/bench_profiling.py --compare, 2 threads, identical allocations at 20%/50% for both
-    # costs): it visits 88% of the full grid's candidates (weight, output and blend each want their own path)
-    # and loses the incremental products shared along one ks: full grid 280 s vs 302 s, reference grid
-    # (5 ks values) 94 s vs 76 s.
+    ks_search: str = "auto"  # "auto": per (layer, removed ratio) only the candidates a descent over ks visits for
+    # the run's cost (fisher: the output error's best ks; the best ks is exact where the error is unimodal in ks,
+    # the row is scanned where it is not); "exhaustive": every candidate of the grid (what `rocketlm study`, which
+    # compares costs on one profile, and a flops budget, whose Pareto fronts need every candidate, always use).
+    # Searching one cost visits 64-72% of the full grid's candidates on SmolLM2-135M and gives the exhaustive
+    # profile's best ks on every (layer, removed ratio) (bench/bench_profiling.py --compare); searching all three
+    # profiling-time costs at once visited 88% and was slower than the scan.
     profile_workers: int = 0  # layers profiled at once in one process (threads sharing its intra-op threads);
     # 0 = auto: 2 on a CPU with >= 2 threads (0.78x the time on SmolLM2, 2 cores), 1 on other devices and
     # offloaded runs. Does not change the profiles beyond floating-point summation order.

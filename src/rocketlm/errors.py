@@ -47,6 +47,10 @@ class InfeasibleAllocationError(RocketError, ValueError):
     """The target ratio cannot be met with the profiled candidates; the message says how to fix it."""
 
 
+class ProfileMismatchError(RocketError, ValueError):
+    """Stored profiles were made for another cost or budget than the one asked for; the message says how to fix it."""
+
+
 class CheckpointError(RocketError, RuntimeError):
     """A checkpoint is missing, incomplete or corrupt; the message says what and how to fix it."""
 

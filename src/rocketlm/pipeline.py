@@ -26,7 +26,7 @@ from rocketlm.distributed.profiling import open_profile_store
 from rocketlm.distributed.sensitivity import sensitivities_parallel
 from rocketlm.models.discovery import DecoderStructure, decoder_structure
 from rocketlm.monitor import StageStats, stage
-from rocketlm.profiling.profile import LayerProfile
+from rocketlm.profiling.profile import LayerProfile, run_ks_search
 from rocketlm.profiling.run import run_profiling
 from rocketlm.storage import CACHE_ENV, default_cache_dir, model_fingerprint, stable_hash  # noqa: F401
 
@@ -64,11 +64,11 @@ def targets_fingerprint(model: torch.nn.Module, structure: DecoderStructure) -> 
 
 def run_keys(model_key: str, windows: torch.Tensor, structure: DecoderStructure, config: RocketConfig,
              dtype: torch.dtype) -> RunKeys:
-    from rocketlm.allocation.costs import available_costs
     calib = stable_hash(model_key, windows, list(structure.all_targets))
-    # a ks search keeps, per (layer, removed ratio), the candidates its descent visited for the registered costs;
-    # exhaustive profiles keep the key they always had
-    search = () if config.ks_search == "exhaustive" else (config.ks_search, sorted(available_costs()))
+    # a ks search keeps, per (layer, removed ratio), the candidates its descent visited for the cost it searched
+    # (one store per searched cost: fisher shares output's); exhaustive profiles keep the key they always had
+    mode, searched = run_ks_search(config.ks_search, config.cost, config.budget_count)
+    search = () if mode == "exhaustive" else (mode, "costs", *searched)
     profile = stable_hash(calib, config.grid.removed_ratios, config.grid.ks, config.whitening_eps,
                           config.ridge_rel, config.importance_power, config.profile_dtype, str(dtype), *search)
     return RunKeys(model_key, calib, profile)

@@ -62,8 +62,15 @@ def test_offloaded_and_in_memory_checkpoints_are_identical(arch, cost, refine_it
     assert off.model.rocketlm_offload.resident == set()
     save_compressed(off, tmp_path / "off")
 
-    drop = lambda a: {k: v for k, v in a.to_json().items() if k != "solve_seconds"}  # noqa: E731
+    # the same candidate for every layer; the profiled errors agree to float32 rounding only: the in-memory run
+    # profiles two layers at once on one thread each, the offloaded one a layer at a time on every thread
+    fields = ("solve_seconds", "choices", "total_cost", "lower_bound")
+    drop = lambda a: {k: v for k, v in a.to_json().items() if k not in fields}  # noqa: E731
     assert drop(off.allocation) == drop(ref.allocation)
+    pick = lambda a: [(c.name, c.dense, c.removed_ratio, c.ks, c.k, c.s) for c in a.choices]  # noqa: E731
+    assert pick(off.allocation) == pick(ref.allocation)
+    errors = lambda a: [e for c in a.choices for e in (c.error_weight, c.error_output, c.cost)]  # noqa: E731
+    assert errors(off.allocation) == pytest.approx(errors(ref.allocation), rel=1e-5, abs=1e-9)
     a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "off")
     assert sorted(a) == sorted(b)
     for k in a:

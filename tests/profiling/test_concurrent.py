@@ -87,4 +87,8 @@ def test_two_workers_give_the_profiles_and_allocation_of_one(calib_file, tmp_pat
         for ca, cb in zip(a.candidates, b.candidates):
             assert cb.error_weight == pytest.approx(ca.error_weight, rel=1e-5, abs=1e-7)
             assert cb.error_output == pytest.approx(ca.error_output, rel=1e-5, abs=1e-7)
-    assert two.allocation.choices == one.allocation.choices
+    # the same candidate for every layer (the errors agree to float32 rounding: threads sum differently)
+    pick = lambda alloc: [(c.name, c.dense, c.removed_ratio, c.ks, c.k, c.s) for c in alloc.choices]
+    assert pick(two.allocation) == pick(one.allocation)
+    for ca, cb in zip(one.allocation.choices, two.allocation.choices):
+        assert cb.cost == pytest.approx(ca.cost, rel=1e-5, abs=1e-7)

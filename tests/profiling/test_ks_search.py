@@ -8,8 +8,12 @@ from rocketlm.allocation.costs import available_costs, get_cost
 from rocketlm.allocation.plan import layer_options
 from rocketlm.config import ConfigError, GridConfig, RocketConfig
 from rocketlm.factorization.sparse_dictionary import whitening_factor
-from rocketlm.profiling.profile import (Candidate, LayerProfile, descend, ks_lookahead, profile_layer, search_ks,
-                                        unimodal)
+from rocketlm.allocation.plan import allocate
+from rocketlm.errors import ProfileMismatchError, RocketError
+from rocketlm.pipeline import run_keys
+from rocketlm.profiling.profile import (Candidate, LayerProfile, descend, ks_lookahead, profile_layer, run_ks_search,
+                                        search_ks, unimodal)
+from rocketlm.study.config import StudyConfig
 
 
 def _candidate(removed, ks, w, o):
@@ -58,6 +62,17 @@ def test_search_equals_scan_on_unimodal_errors_and_evaluates_fewer():
         assert _best(found, error) == _best(table.values(), error)
 
 
+def test_searching_one_cost_visits_fewer_candidates_than_two():
+    n = 21
+    curves = {r: ([(i / 20 - 0.3 - r) ** 2 + r for i in range(n)], [(i / 20 - 0.8 + r / 2) ** 2 for i in range(n)])
+              for r in (0.1, 0.2, 0.3, 0.4)}
+    rows, table = _rows(curves)
+    _, both = _search(rows, table)
+    calls = []
+    found = search_ks(rows, lambda shape: calls.append(shape) or table[shape], [lambda c: c.error_output], 1)
+    assert len(calls) < len(both) and _best(found, "error_output") == _best(table.values(), "error_output")
+
+
 def test_search_scans_a_row_whose_evaluated_errors_are_not_unimodal():
     # the descent from the middle finds a local minimum; a second cost's descent sees the other valley
     weights = [5, 4, 3, 2, 3, 4, 5, 6, 7, 8, 1]
@@ -84,7 +99,7 @@ def test_descend_and_unimodal_helpers():
     assert descend(values.__getitem__, len(values), 4, 1) == 3
     assert descend([1, 1, 1].__getitem__, 3, 2, 1) == 0  # ties go to the smaller ks
     assert unimodal([3, 2, 2, 1, 4, 5]) and not unimodal([3, 1, 2, 1]) and unimodal([])
-    assert ks_lookahead(GridConfig.parse("ks=1.0:3.0:0.1")) == 2
+    assert ks_lookahead(GridConfig.parse("ks=1.0:3.0:0.1")) == 3
     assert ks_lookahead(GridConfig.parse("ks=1,1.5,2,2.5,3")) == 1
 
 
@@ -128,8 +143,61 @@ def test_profile_json_round_trip_keeps_the_search_mode():
 
 
 def test_config_validates_ks_search():
-    assert RocketConfig().ks_search == "exhaustive"
+    assert RocketConfig().ks_search == "auto"
     assert RocketConfig(ks_search="exhaustive").ks_search == "exhaustive"
     with pytest.raises(ConfigError, match="ks_search"):
         RocketConfig(ks_search="golden")
     assert "weight" in available_costs()
+
+
+def test_the_run_searches_the_best_ks_of_its_own_cost_and_a_flops_budget_scans(tmp_path):
+    assert run_ks_search("auto", "weight", "values") == ("auto", ("weight",))
+    assert run_ks_search("auto", "fisher", "bytes") == ("auto", ("output",))  # sensitivity x output^2: output's ks
+    assert run_ks_search("auto", "output", "flops") == ("exhaustive", ())  # Pareto fronts need every candidate
+    assert run_ks_search("exhaustive", "weight", "values") == ("exhaustive", ())
+    # the profile store is keyed by what was searched: fisher reuses output's profiles, weight has its own
+    key = lambda **kw: run_keys("m", torch.zeros(2, 4, dtype=torch.long), type("S", (), {"all_targets": ["a"]})(),
+                                RocketConfig(**kw), torch.float32).profile
+    assert key(cost="fisher") == key(cost="output") != key(cost="weight") != key(ks_search="exhaustive")
+    assert key(ks_search="exhaustive", cost="weight") == key(ks_search="exhaustive", cost="output")
+    assert StudyConfig(model="m", out=str(tmp_path)).run_config(0, 0.2, "output").ks_search == "exhaustive"
+
+
+@pytest.mark.parametrize("cost", ["weight", "output", "blend"])
+def test_searching_one_cost_finds_its_best_ks(cost):
+    grid = GridConfig.parse("removed=0.05:0.70:0.05;ks=1.0:3.0:0.1")
+    W, S = _layer(48, 96, seed=1)
+    kwargs = dict(group="g", value_bytes=2, ridge_rel=0.0, importance_power=0.5, dtype=torch.float64)
+    full = profile_layer("l", W, S, grid, ks_search="exhaustive", **kwargs)
+    every = profile_layer("l", W, S, grid, ks_search="auto", **kwargs)
+    one = profile_layer("l", W, S, grid, ks_search="auto", search_costs=[cost], **kwargs)
+    # (small random layers wiggle in ks, so most rows are scanned here; on SmolLM2 one cost visits 64-78%)
+    assert one.search_costs == [cost] and len(one.candidates) <= len(every.candidates) <= len(full.candidates)
+    fn = get_cost(cost).fn
+    for removed in grid.removed_ratios:
+        row = [fn(full, c) for c in full.candidates if c.removed_ratio == removed]
+        if row and unimodal(row):
+            assert ([c.ks for c in layer_options(one, cost) if c.removed_ratio == removed]
+                    == [c.ks for c in layer_options(full, cost) if c.removed_ratio == removed]), removed
+
+
+def test_profiles_searched_for_one_cost_refuse_another_cost_and_the_flops_budget():
+    W, S = _layer(32, 48)
+    grid = GridConfig.parse("removed=0.2,0.5;ks=1,1.5,2,2.5,3")
+    kwargs = dict(group="g", value_bytes=2, ridge_rel=0.0, importance_power=0.5, dtype=torch.float64)
+    searched = profile_layer("l", W, S, grid, ks_search="auto", search_costs=["output"], **kwargs)
+    assert searched.serves("output") and searched.serves("fisher") and not searched.serves("weight")
+    assert not searched.serves("output", "flops")
+    assert allocate([searched], 0.3, "output", alpha=None).achieved_removed_ratio >= 0.3
+    with pytest.raises(ProfileMismatchError, match="--ks-search exhaustive") as err:
+        allocate([searched], 0.3, "weight", alpha=None)
+    assert isinstance(err.value, RocketError)
+    with pytest.raises(ProfileMismatchError, match="flops budget"):
+        allocate([searched], 0.3, "output", "flops", alpha=None)
+    full = profile_layer("l", W, S, grid, ks_search="exhaustive", **kwargs)
+    assert all(full.serves(c, b) for c in available_costs() for b in ("values", "bytes", "flops"))
+    # stored and read back; a store written before the search took one cost served the three it searched
+    assert LayerProfile.from_json(searched.to_json()).search_costs == ["output"]
+    old = searched.to_json()
+    del old["search_costs"]
+    assert LayerProfile.from_json(old).serves("weight") and LayerProfile.from_json(old).serves("blend")

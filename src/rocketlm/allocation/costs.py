@@ -20,21 +20,32 @@ class Cost:
     name: str
     fn: CostFn
     description: str
+    # the cost whose best ks per (layer, removed ratio) is this one's too (a per-layer increasing function of
+    # it), so the profiling's ks search serves both with one search; None: the cost itself
+    same_best_ks_as: str | None = None
 
 
 _REGISTRY: dict[str, Cost] = {}
 
 
-def register_cost(name: str, description: str):
-    """Decorator: ``@register_cost("name", "what it measures")`` on a ``(profile, candidate) -> float``."""
+def register_cost(name: str, description: str, same_best_ks_as: str | None = None):
+    """Decorator: ``@register_cost("name", "what it measures")`` on a ``(profile, candidate) -> float``.
+    ``same_best_ks_as``: a registered cost of which this one is a per-layer increasing function (its best ks
+    per removed ratio is then the same; the ks search of profiling searches that cost instead)."""
     def decorate(fn: CostFn) -> CostFn:
-        _REGISTRY[name] = Cost(name, fn, description)
+        _REGISTRY[name] = Cost(name, fn, description, same_best_ks_as)
         return fn
     return decorate
 
 
 def available_costs() -> tuple[str, ...]:
     return tuple(_REGISTRY)
+
+
+def ks_search_cost(name: str) -> str:
+    """The cost the profiling's ks search looks for the best ks of, so that ``name``'s allocation gets its own
+    best ks per (layer, removed ratio)."""
+    return get_cost(name).same_best_ks_as or name
 
 
 def get_cost(name: str) -> Cost:
@@ -70,7 +81,8 @@ def needs_sensitivity(cost: str) -> bool:
 
 
 @register_cost("fisher", "predicted loss increase: sensitivity x (output error)^2, the sensitivity measured per layer "
-                         "by a backward pass on calibration windows (empirical Fisher, no weight update)")
+                         "by a backward pass on calibration windows (empirical Fisher, no weight update)",
+               same_best_ks_as="output")
 def fisher_cost(profile: LayerProfile, candidate: Candidate) -> float:
     sensitivity = getattr(profile, "sensitivity", None)
     if sensitivity is None:

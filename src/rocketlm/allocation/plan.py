@@ -20,7 +20,7 @@ from rocketlm.config import RocketConfig
 from rocketlm.allocation.knapsack import InfeasibleBudgetError, solve_mckp
 from rocketlm.profiling.profile import Candidate, LayerProfile
 from rocketlm.runtime.forms import form_flops
-from rocketlm.errors import InfeasibleAllocationError  # noqa: F401  (re-exported)
+from rocketlm.errors import InfeasibleAllocationError, ProfileMismatchError  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,13 @@ def allocate(profiles: list[LayerProfile], removed_ratio: float, cost: str = Roc
     """Solve the multiple-choice knapsack; raises :class:`InfeasibleBudgetError` when the target
     cannot be met (never a silent fallback)."""
     start = time.perf_counter()
+    unserved = [p.name for p in profiles if not p.serves(cost, budget_count)]
+    if unserved:
+        raise ProfileMismatchError(
+            f"{len(unserved)} layer profiles (first: {unserved[0]}) hold only the candidates the ks search visited "
+            f"for {profiles[0].search_costs or 'other costs'}, not the best ks under cost {cost!r}"
+            + (" nor every candidate a flops budget needs" if budget_count == "flops" else "")
+            + ": profile again with this cost, or with --ks-search exhaustive to serve every cost and budget")
     options = candidate_choices(profiles, cost, budget_count)
     total = _budget_total(profiles, budget_count)
     required = int(math.ceil(removed_ratio * total))

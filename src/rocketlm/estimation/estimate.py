@@ -24,6 +24,7 @@ from rocketlm.estimation.probe_layers import LayerProbe, LayerSettings, probe_la
 from rocketlm.estimation.project import (Component, RunShape, StageEstimate, layer_seconds, project_allocation,
                                          project_calibration, project_compression, project_profiling)
 from rocketlm.estimation.timing import gemm_rate, process_baseline, using_clock
+from rocketlm.profiling.profile import run_ks_search
 from rocketlm.profiling.run import profile_workers, threads_per_worker
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,8 @@ def _value_dtype(config: RocketConfig, d: ModelDescription) -> str:
 def _probe_layers(d: ModelDescription, config: RocketConfig, options: EstimateOptions
                   ) -> tuple[dict[tuple[int, int], LayerProbe], dict[int, float]]:
     settings = LayerSettings(config.grid, config.removed_ratio, config.ridge_rel, config.importance_power,
-                             config.profile_dtype, _value_dtype(config, d), getattr(config, "ks_search", None),
-                             config.refine_iters)
+                             config.profile_dtype, _value_dtype(config, d),
+                             *run_ks_search(config.ks_search, config.cost, config.budget_count), config.refine_iters)
     probes = {shape: probe_layer(*shape, settings, options.max_probe_dim, options.probe_seconds,
                                  repeats=options.repeats, device=config.device)
               for shape in d.shapes()}

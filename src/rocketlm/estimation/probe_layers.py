@@ -23,7 +23,6 @@ measures the exponent; a lower one makes ``f^3`` err on the long side).
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 
@@ -67,7 +66,8 @@ class LayerSettings:
     importance_power: float = 0.5
     profile_dtype: str = "float32"
     value_dtype: str = "float32"
-    ks_search: str | None = None  # passed to profile_layer when set (and when it takes it)
+    ks_search: str = "exhaustive"  # the profiling's mode and searched costs (profiling.profile.run_ks_search)
+    search_costs: tuple[str, ...] = ()
     refine_iters: int = 0  # alternating refits after the closed form, timed with the compression
 
 
@@ -117,25 +117,19 @@ def probe_whitening(d_in: int, tokens: int, max_dim: int, repeats: int = 3,
     return seconds * (d_in / p_in) ** 3
 
 
-def _profile_kwargs(settings: LayerSettings) -> dict:
-    wanted = {"ks_search": settings.ks_search} if settings.ks_search else {}
-    accepted = inspect.signature(profile_layer).parameters
-    return {k: v for k, v in wanted.items() if k in accepted}
-
-
 def _profile_once(p_in: int, p_out: int, settings: LayerSettings, repeats: int, device) -> tuple[float, int, tuple]:
     """Seconds of one :func:`profile_layer` call on a synthetic ``p_in x p_out`` layer, the number of
     candidates it evaluated, and its inputs ``(W, S)``."""
     S = whitening_factor(synthetic_gram(p_in).to(device))
     W = synthetic_weight(p_in, p_out).to(device)
-    kwargs = _profile_kwargs(settings)
     dtype = getattr(torch, settings.profile_dtype)
     result = []
 
     def run():
         result.append(profile_layer("probe", W, S, settings.grid, group="g", value_bytes=4,
                                     ridge_rel=settings.ridge_rel, importance_power=settings.importance_power,
-                                    dtype=dtype, **kwargs))
+                                    dtype=dtype, ks_search=settings.ks_search,
+                                    search_costs=settings.search_costs or None))
 
     seconds = measure(run, repeats, device)
     return seconds, len(result[0].candidates), (W, S)

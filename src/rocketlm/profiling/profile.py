@@ -6,8 +6,8 @@ candidate reuses them. Candidates whose dictionary would exceed the layer's rank
 
 The allocation only needs, per removed ratio, the ks of smallest cost (``allocation.plan.layer_options``).
 ``ks_search="auto"`` therefore evaluates, per removed ratio, only the candidates that a descent over ks
-visits for every registered cost (see :func:`search_ks`); ``"exhaustive"`` evaluates every candidate
-(what studies of the candidates themselves, and the flops budget's Pareto fronts, want).
+visits for the run's cost (see :func:`search_ks` and :func:`run_ks_search`); ``"exhaustive"`` evaluates every
+candidate (what studies of the candidates themselves, and the flops budget's Pareto fronts, want).
 """
 from __future__ import annotations
 
@@ -17,14 +17,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from rocketlm.allocation.costs import available_costs, get_cost
+from rocketlm.allocation.costs import available_costs, get_cost, ks_search_cost
 from rocketlm.config import GridConfig
 from rocketlm.factorization.sparse_dictionary import (ProductState, candidate_shape, factorize_next, kept_bytes,
                                                       kept_values, layer_basis)
 
 # Lookahead of the ks descent, in units of ks: the error over a fine ks grid is a smooth bowl with
-# wiggles of a few grid steps (the floor() in k and s), so the descent looks this far past a rise.
-KS_LOOKAHEAD = 0.2
+# wiggles of a few grid steps (the floor() in k and s), so the descent looks this far past a rise. On
+# SmolLM2-135M's full grid (ks step 0.1) a lookahead of 0.2 missed a minimum 3 steps past a wiggle
+# (gate_proj of block 3 at removed 0.70: 0.41341 at ks 2.6 against 0.41355 at 2.3); 0.3 finds every row's
+# minimum of the 210 layers (bench/bench_profiling.py --compare).
+KS_LOOKAHEAD = 0.3
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,18 @@ class LayerProfile:
     candidates: list[Candidate]
     seconds: float = 0.0
     ks_search: str = "exhaustive"  # "auto": only the candidates the ks descent visited are stored
+    search_costs: list[str] | None = None  # ("auto") the costs whose best ks the descent found; None: every cost
+    # registered when it ran (profiles stored before the search took the run's cost)
+
+    def serves(self, cost: str, budget_count: str = "values") -> bool:
+        """Whether the candidates stored hold the best ks per removed ratio under ``cost`` (and, for a flops
+        budget, every candidate)."""
+        if self.ks_search == "exhaustive":
+            return True
+        if budget_count == "flops":
+            return False
+        wanted = ks_search_cost(cost)
+        return wanted in (self.search_costs if self.search_costs is not None else ("weight", "output", "blend"))
 
     def best_ks(self, error: str) -> dict[float, float]:
         """Per removed ratio, the ks of smallest ``error`` ("error_weight" or "error_output")."""
@@ -86,10 +101,21 @@ def valid_shapes(d_in: int, d_out: int, grid: GridConfig) -> list[tuple[float, f
     return shapes
 
 
+def run_ks_search(ks_search: str, cost: str, budget_count: str) -> tuple[str, tuple[str, ...]]:
+    """``(mode, costs searched)`` of a run's profiling: ``"auto"`` searches the best ks of the one cost that
+    ranks ``cost``'s candidates (:func:`rocketlm.allocation.costs.ks_search_cost`: ``fisher`` searches
+    ``output``); a flops budget needs every candidate (its Pareto fronts), so it profiles exhaustively."""
+    if ks_search == "exhaustive" or budget_count == "flops":
+        return "exhaustive", ()
+    return ks_search, (ks_search_cost(cost),)
+
+
 def profile_layer(name: str, W: torch.Tensor, S: torch.Tensor, grid: GridConfig, *, group: str,
                   value_bytes: int, ridge_rel: float, importance_power: float,
-                  dtype: torch.dtype, ks_search: str = "auto") -> LayerProfile:
-    """The candidates of one layer (all of them, or those the ks search visits). ``W``: d_in x d_out;
+                  dtype: torch.dtype, ks_search: str = "auto",
+                  search_costs: Sequence[str] | None = None) -> LayerProfile:
+    """The candidates of one layer (all of them, or those the ks search visits for ``search_costs``: cost
+    names, default every registered cost that scores candidates at profiling time). ``W``: d_in x d_out;
     ``S``: upper whitening factor (float64).
 
     Candidates are factored along each ks by increasing removed ratio (:func:`factorize_next`: consecutive
@@ -98,7 +124,8 @@ def profile_layer(name: str, W: torch.Tensor, S: torch.Tensor, grid: GridConfig,
     d_in, d_out = W.shape
     basis = layer_basis(W, S, importance_power=importance_power, dtype=dtype)
     profile = LayerProfile(name=name, d_in=d_in, d_out=d_out, dense_values=d_in * d_out,
-                           dense_bytes=d_in * d_out * value_bytes, group=group, candidates=[], ks_search=ks_search)
+                           dense_bytes=d_in * d_out * value_bytes, group=group, candidates=[], ks_search=ks_search,
+                           search_costs=None if ks_search == "exhaustive" or search_costs is None else list(search_costs))
     evaluate = _evaluator(basis, d_in, d_out, value_bytes, ridge_rel)
     shapes = valid_shapes(d_in, d_out, grid)
     if ks_search == "exhaustive":
@@ -106,7 +133,7 @@ def profile_layer(name: str, W: torch.Tensor, S: torch.Tensor, grid: GridConfig,
         profile.candidates = [by_ks[shape] for shape in shapes]
     else:
         rows = [[shape for shape in shapes if shape[0] == removed] for removed in grid.removed_ratios]
-        profile.candidates = search_ks([row for row in rows if row], evaluate, searchable_costs(profile),
+        profile.candidates = search_ks([row for row in rows if row], evaluate, searchable_costs(profile, search_costs),
                                        ks_lookahead(grid), free=lambda shape: shape[3] >= shape[2])
     return profile
 
@@ -132,10 +159,12 @@ def _evaluator(basis, d_in: int, d_out: int, value_bytes: int, ridge_rel: float)
     return evaluate
 
 
-def searchable_costs(profile: LayerProfile) -> list[Callable[[Candidate], float]]:
-    """Every registered cost that can score ``profile``'s candidates at profiling time, as a function of the
-    candidate. A cost that needs per-layer data measured later (``fisher``: a positive per-layer multiple of
-    the squared output error, so its best ks is the output cost's) is left out."""
+def searchable_costs(profile: LayerProfile, names: Sequence[str] | None = None) -> list[Callable[[Candidate], float]]:
+    """The costs ``names`` (default: every registered cost that can score ``profile``'s candidates at profiling
+    time), as functions of the candidate. A cost that needs per-layer data measured later (``fisher``: a
+    positive per-layer multiple of the squared output error, so its best ks is the output cost's) cannot."""
+    if names is not None:
+        return [lambda c, fn=get_cost(name).fn: fn(profile, c) for name in names]
     probe = Candidate(removed_ratio=0.0, ks=1.0, k=1, s=1, kept_values=0, kept_bytes=0, error_weight=0.0,
                       error_output=0.0)
     costs = []

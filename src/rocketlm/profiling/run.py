@@ -13,7 +13,7 @@ from rocketlm.calibration.store import GramStore
 from rocketlm.config import RocketConfig
 from rocketlm.factorization.whitening import weight_matrix, whitened_layers
 from rocketlm.models.discovery import DecoderStructure
-from rocketlm.profiling.profile import LayerProfile, profile_layer
+from rocketlm.profiling.profile import LayerProfile, profile_layer, run_ks_search
 from rocketlm.profiling.store import ProfileStore
 
 
@@ -39,12 +39,14 @@ def run_profiling(model, structure: DecoderStructure, grams_store: GramStore, st
     names = [name for name in structure.all_targets if name in wanted]
     todo = [name for name in names if name not in store]
     workers = profile_workers(config.profile_workers, device) if workers is None else workers
+    ks_search, search_costs = run_ks_search(config.ks_search, config.cost, config.budget_count)
 
     def profile_one(name: str, S: torch.Tensor, group: str) -> LayerProfile:
         start = time.perf_counter()
         profile = profile_layer(name, weight_matrix(modules[name]), S, config.grid, group=group,
                                 value_bytes=value_bytes, ridge_rel=config.ridge_rel,
-                                importance_power=config.importance_power, dtype=dtype, ks_search=config.ks_search)
+                                importance_power=config.importance_power, dtype=dtype, ks_search=ks_search,
+                                search_costs=search_costs)
         profile.seconds = time.perf_counter() - start
         return profile
 

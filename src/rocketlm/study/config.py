@@ -77,7 +77,8 @@ class StudyConfig:
             raise ConfigError(f"study: --tasks: {exc}; or 'none' for perplexity only") from None
 
     def run_config(self, seed: int, ratio: float, cost: str) -> RocketConfig:
-        return self.rocket.replace(model=self.model, seed=seed, removed_ratio=ratio, cost=cost)
+        # every candidate: the study allocates every cost (and the sweeps every ratio) from one seed's profiles
+        return self.rocket.replace(model=self.model, seed=seed, removed_ratio=ratio, cost=cost, ks_search="exhaustive")
 
     def eval_spec(self) -> dict:
         """The evaluation settings a finished run is compared on when the study resumes."""
