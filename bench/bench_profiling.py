@@ -136,8 +136,8 @@ def main() -> None:
         save = args.save and args.save.removesuffix(".jsonl") + ".exhaustive.jsonl"
         wall, reference_best, reference = profile_and_allocate(model, structure, grams, full, value_dtype, save,
                                                                ratios, costs)
-        print(f"profiling wall: {config.ks_search} {sum(walls.values()) / len(walls):.1f} s (mean over worker counts), "
-              f"exhaustive {wall:.1f} s")
+        print(f"profiling wall: {config.ks_search} {sum(walls.values()) / len(walls):.1f} s (mean over worker counts; "
+              f"summed over the {len(costs)} costs searched), exhaustive {wall:.1f} s (once for every cost)")
         missed = [key for key, ks in reference_best.items() if best.get(key) != ks]
         print(f"best ks per (cost, layer, removed ratio): {len(reference_best) - len(missed)} of {len(reference_best)} "
               "as the exhaustive profile's" + (f"; differ: {missed[:10]}" if missed else ""))

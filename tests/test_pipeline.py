@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_model, make_tiny_tokenizer, tiny_ids, tiny_rocket_config
+from conftest import TINY_GRID_RATIOS, make_tiny_model, make_tiny_tokenizer, tiny_ids, tiny_rocket_config
 from rocketlm.checkpoint.io import load_compressed, save_compressed
 from rocketlm.compression.modules import SparseDictionaryLinear
 from rocketlm.config import ConfigError, GridConfig, RocketConfig
@@ -66,9 +66,13 @@ def test_costs_give_different_best_ks_from_one_profile(calib_file, tmp_path):
     w, o = run(cost="weight", ks_search="exhaustive"), run(cost="output", ks_search="exhaustive")
     assert w.keys.profile == o.keys.profile  # one exhaustive profiling pass serves both costs
     assert w.allocation.achieved_removed_ratio >= 0.3 and o.allocation.achieved_removed_ratio >= 0.3
-    # the ks search (the default) profiles for the run's cost: its own store, the exhaustive run's allocation
-    searched = run(cost="output")
+    # the ks search (the default) profiles for the run's cost on a grid long enough for it to skip candidates:
+    # its own store, the exhaustive run's allocation
+    fine = GridConfig(TINY_GRID_RATIOS, tuple(round(1.0 + 0.25 * i, 2) for i in range(9)))
+    o = run(cost="output", ks_search="exhaustive", grid=fine)
+    searched = run(cost="output", grid=fine)
     assert searched.keys.profile != o.keys.profile
+    assert run(cost="output").keys.profile == w.keys.profile  # a 3-ks grid: one exhaustive profile serves all
     assert all(p.ks_search == "auto" and p.search_costs == ["output"] for p in searched.profiles)
     assert ([(c.name, c.removed_ratio, c.ks) for c in searched.allocation.choices]
             == [(c.name, c.removed_ratio, c.ks) for c in o.allocation.choices])

@@ -67,7 +67,7 @@ def run_keys(model_key: str, windows: torch.Tensor, structure: DecoderStructure,
     calib = stable_hash(model_key, windows, list(structure.all_targets))
     # a ks search keeps, per (layer, removed ratio), the candidates its descent visited for the cost it searched
     # (one store per searched cost: fisher shares output's); exhaustive profiles keep the key they always had
-    mode, searched = run_ks_search(config.ks_search, config.cost, config.budget_count)
+    mode, searched = run_ks_search(config)
     search = () if mode == "exhaustive" else (mode, "costs", *searched)
     profile = stable_hash(calib, config.grid.removed_ratios, config.grid.ks, config.whitening_eps,
                           config.ridge_rel, config.importance_power, config.profile_dtype, str(dtype), *search)

@@ -100,7 +100,7 @@ def test_descend_and_unimodal_helpers():
     assert descend([1, 1, 1].__getitem__, 3, 2, 1) == 0  # ties go to the smaller ks
     assert unimodal([3, 2, 2, 1, 4, 5]) and not unimodal([3, 1, 2, 1]) and unimodal([])
     assert ks_lookahead(GridConfig.parse("ks=1.0:3.0:0.1")) == 3
-    assert ks_lookahead(GridConfig.parse("ks=1,1.5,2,2.5,3")) == 1
+    assert ks_lookahead(GridConfig.parse("ks=1,1.5,2,2.5,3")) == 2
 
 
 def _layer(d_in, d_out, seed=0):
@@ -151,10 +151,14 @@ def test_config_validates_ks_search():
 
 
 def test_the_run_searches_the_best_ks_of_its_own_cost_and_a_flops_budget_scans(tmp_path):
-    assert run_ks_search("auto", "weight", "values") == ("auto", ("weight",))
-    assert run_ks_search("auto", "fisher", "bytes") == ("auto", ("output",))  # sensitivity x output^2: output's ks
-    assert run_ks_search("auto", "output", "flops") == ("exhaustive", ())  # Pareto fronts need every candidate
-    assert run_ks_search("exhaustive", "weight", "values") == ("exhaustive", ())
+    run = lambda **kw: run_ks_search(RocketConfig(**kw))  # noqa: E731  (the default grid: 21 ks values)
+    assert run(cost="weight") == ("auto", ("weight",))
+    assert run(cost="fisher", budget_count="bytes") == ("auto", ("output",))  # sensitivity x output^2: output's ks
+    assert run(cost="output", budget_count="flops") == ("exhaustive", ())  # Pareto fronts need every candidate
+    assert run(cost="weight", ks_search="exhaustive") == ("exhaustive", ())
+    # the reference grid's 5 ks values: the descent would see nearly every one, so one exhaustive profile
+    assert run(cost="weight", grid=GridConfig.parse("removed=0.1,0.5;ks=1,1.5,2,2.5,3")) == ("exhaustive", ())
+    assert run(cost="weight", grid=GridConfig.parse("removed=0.1,0.5;ks=1:2:0.1"))[0] == "auto"
     # the profile store is keyed by what was searched: fisher reuses output's profiles, weight has its own
     key = lambda **kw: run_keys("m", torch.zeros(2, 4, dtype=torch.long), type("S", (), {"all_targets": ["a"]})(),
                                 RocketConfig(**kw), torch.float32).profile

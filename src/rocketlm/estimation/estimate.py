@@ -98,7 +98,7 @@ def _probe_layers(d: ModelDescription, config: RocketConfig, options: EstimateOp
                   ) -> tuple[dict[tuple[int, int], LayerProbe], dict[int, float]]:
     settings = LayerSettings(config.grid, config.removed_ratio, config.ridge_rel, config.importance_power,
                              config.profile_dtype, _value_dtype(config, d),
-                             *run_ks_search(config.ks_search, config.cost, config.budget_count), config.refine_iters)
+                             *run_ks_search(config), config.refine_iters)
     probes = {shape: probe_layer(*shape, settings, options.max_probe_dim, options.probe_seconds,
                                  repeats=options.repeats, device=config.device)
               for shape in d.shapes()}

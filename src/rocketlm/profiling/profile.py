@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from rocketlm.allocation.costs import available_costs, get_cost, ks_search_cost
-from rocketlm.config import GridConfig
+from rocketlm.config import GridConfig, RocketConfig
 from rocketlm.factorization.sparse_dictionary import (ProductState, candidate_shape, factorize_next, kept_bytes,
                                                       kept_values, layer_basis)
 
@@ -28,6 +28,9 @@ from rocketlm.factorization.sparse_dictionary import (ProductState, candidate_sh
 # (gate_proj of block 3 at removed 0.70: 0.41341 at ks 2.6 against 0.41355 at 2.3); 0.3 finds every row's
 # minimum of the 210 layers (bench/bench_profiling.py --compare).
 KS_LOOKAHEAD = 0.3
+# ...and at least this many grid steps: on the reference grid (ks step 0.5) one step missed the best ks of 7 of
+# 5880 (cost, layer, removed ratio) of SmolLM2-135M, all k_proj/v_proj rows where the error rises for one step.
+KS_LOOKAHEAD_MIN_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -101,13 +104,17 @@ def valid_shapes(d_in: int, d_out: int, grid: GridConfig) -> list[tuple[float, f
     return shapes
 
 
-def run_ks_search(ks_search: str, cost: str, budget_count: str) -> tuple[str, tuple[str, ...]]:
+def run_ks_search(config: RocketConfig) -> tuple[str, tuple[str, ...]]:
     """``(mode, costs searched)`` of a run's profiling: ``"auto"`` searches the best ks of the one cost that
-    ranks ``cost``'s candidates (:func:`rocketlm.allocation.costs.ks_search_cost`: ``fisher`` searches
-    ``output``); a flops budget needs every candidate (its Pareto fronts), so it profiles exhaustively."""
-    if ks_search == "exhaustive" or budget_count == "flops":
+    ranks the run's cost's candidates (:func:`rocketlm.allocation.costs.ks_search_cost`: ``fisher`` searches
+    ``output``). It profiles exhaustively instead under a flops budget, which needs every candidate (its Pareto
+    fronts), and on a grid too short for the search to skip anything (at most ``2 x lookahead + 1`` ks values,
+    such as the reference's 5: the descent sees nearly the whole row, and one exhaustive profile serves every
+    cost)."""
+    if (config.ks_search == "exhaustive" or config.budget_count == "flops"
+            or len(config.grid.ks) <= 2 * ks_lookahead(config.grid) + 1):
         return "exhaustive", ()
-    return ks_search, (ks_search_cost(cost),)
+    return config.ks_search, (ks_search_cost(config.cost),)
 
 
 def profile_layer(name: str, W: torch.Tensor, S: torch.Tensor, grid: GridConfig, *, group: str,
@@ -179,9 +186,10 @@ def searchable_costs(profile: LayerProfile, names: Sequence[str] | None = None) 
 
 
 def ks_lookahead(grid: GridConfig) -> int:
-    """Grid steps the descent looks past a rise: :data:`KS_LOOKAHEAD` in ks units, at least 1."""
+    """Grid steps the descent looks past a rise: :data:`KS_LOOKAHEAD` in ks units, at least
+    :data:`KS_LOOKAHEAD_MIN_STEPS`."""
     steps = sorted(b - a for a, b in zip(grid.ks, grid.ks[1:]))
-    return max(1, math.ceil(KS_LOOKAHEAD / steps[len(steps) // 2] - 1e-9)) if steps else 1
+    return max(KS_LOOKAHEAD_MIN_STEPS, math.ceil(KS_LOOKAHEAD / steps[len(steps) // 2] - 1e-9)) if steps else 1
 
 
 def search_ks(rows: Sequence[Sequence[tuple]], evaluate: Callable[[tuple], Candidate],

@@ -39,7 +39,7 @@ def run_profiling(model, structure: DecoderStructure, grams_store: GramStore, st
     names = [name for name in structure.all_targets if name in wanted]
     todo = [name for name in names if name not in store]
     workers = profile_workers(config.profile_workers, device) if workers is None else workers
-    ks_search, search_costs = run_ks_search(config.ks_search, config.cost, config.budget_count)
+    ks_search, search_costs = run_ks_search(config)
 
     def profile_one(name: str, S: torch.Tensor, group: str) -> LayerProfile:
         start = time.perf_counter()
