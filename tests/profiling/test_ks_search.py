@@ -51,11 +51,15 @@ def _best(cands, error):
     return {r: c.ks for r, c in by_removed.items()}
 
 
+def _bowls(output_centre: float, n: int = 21):
+    """Rows of two unimodal errors over ks (weight: minimum near 0.3 + r, output near ``output_centre`` - r / 2)."""
+    return _rows({r: ([(i / 20 - 0.3 - r) ** 2 + r for i in range(n)], [(i / 20 - output_centre + r / 2) ** 2
+                                                                         for i in range(n)])
+                  for r in (0.1, 0.2, 0.3, 0.4)})
+
+
 def test_search_equals_scan_on_unimodal_errors_and_evaluates_fewer():
-    n = 21
-    curves = {r: ([(i / 20 - 0.3 - r) ** 2 + r for i in range(n)], [(i / 20 - 0.6 + r / 2) ** 2 for i in range(n)])
-              for r in (0.1, 0.2, 0.3, 0.4)}
-    rows, table = _rows(curves)
+    rows, table = _bowls(0.6)
     found, calls = _search(rows, table)
     assert len(set(calls)) == len(calls) < 0.5 * len(table)  # each candidate evaluated once, most never
     for error in ("error_weight", "error_output"):
@@ -63,10 +67,7 @@ def test_search_equals_scan_on_unimodal_errors_and_evaluates_fewer():
 
 
 def test_searching_one_cost_visits_fewer_candidates_than_two():
-    n = 21
-    curves = {r: ([(i / 20 - 0.3 - r) ** 2 + r for i in range(n)], [(i / 20 - 0.8 + r / 2) ** 2 for i in range(n)])
-              for r in (0.1, 0.2, 0.3, 0.4)}
-    rows, table = _rows(curves)
+    rows, table = _bowls(0.8)
     _, both = _search(rows, table)
     calls = []
     found = search_ks(rows, lambda shape: calls.append(shape) or table[shape], [lambda c: c.error_output], 1)
