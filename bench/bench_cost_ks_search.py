@@ -14,10 +14,10 @@ import argparse
 import collections
 import json
 
-from rocketlm.allocation.costs import available_costs, get_cost
 from rocketlm.allocation.plan import allocate
 from rocketlm.config import GridConfig
-from rocketlm.profiling.profile import (LayerProfile, ks_lookahead, search_ks, searchable_costs, unimodal)
+from rocketlm.profiling.profile import (LayerProfile, ks_lookahead, profiling_time_costs, search_ks, searchable_costs,
+                                        unimodal)
 
 
 def candidate_macs(profile: LayerProfile, k: int, s: int) -> float:
@@ -53,18 +53,6 @@ def replay(profile: LayerProfile, lookahead: int, stats: collections.Counter) ->
     return LayerProfile(**{**profile.__dict__, "candidates": found, "ks_search": "auto"})
 
 
-def cost_names(profile: LayerProfile) -> list[str]:
-    """Names of the costs :func:`searchable_costs` returns, in its order."""
-    names = []
-    for name in available_costs():
-        try:
-            get_cost(name).fn(profile, profile.candidates[0])
-        except (ValueError, AttributeError, TypeError):
-            continue
-        names.append(name)
-    return names
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("profiles", help="exhaustive profile store (JSON lines)")
@@ -82,7 +70,7 @@ def main() -> None:
     print(f"ks grid {grid.ks}, lookahead {ks_lookahead(grid)} steps")
     print(f"evaluated {stats['evaluated']} / {stats['candidates']} candidates, "
           f"{stats['macs evaluated'] / stats['macs']:.3f} of the multiply-adds")
-    for i, name in enumerate(cost_names(profiles[0])):
+    for i, name in enumerate(profiling_time_costs()):
         print(f"  {name}: error unimodal in ks in {stats[f'unimodal rows, cost {i}']} of {stats[f'rows, cost {i}']} "
               f"(layer, removed ratio) rows; best ks missed in {stats[f'missed best ks, cost {i}']}")
     for ratio in [float(r) for r in args.ratios.split(",")]:

@@ -81,8 +81,8 @@ def profile_and_allocate(model, structure, grams, config, value_dtype, save, rat
     per_cost = [(c,) for c in costs] if config.ks_search == "auto" else [tuple(costs)]
     wall, best, found = 0.0, {}, {}
     for group in per_cost:
-        profiles = profile_all(model, structure, grams, config.replace(cost=group[0]), value_dtype,
-                               save and len(per_cost) > 1 and save.removesuffix(".jsonl") + f".{group[0]}.jsonl" or save)
+        path = save.removesuffix(".jsonl") + f".{group[0]}.jsonl" if save and len(per_cost) > 1 else save
+        profiles = profile_all(model, structure, grams, config.replace(cost=group[0]), value_dtype, path)
         wall += profile_all.wall
         for cost in group:
             best.update({(cost, p.name, c.removed_ratio): c.ks for p in profiles for c in layer_options(p, cost)})

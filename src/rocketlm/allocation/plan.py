@@ -204,11 +204,11 @@ def allocate(profiles: list[LayerProfile], removed_ratio: float, cost: str = Roc
     """Solve the multiple-choice knapsack; raises :class:`InfeasibleBudgetError` when the target
     cannot be met (never a silent fallback)."""
     start = time.perf_counter()
-    unserved = [p.name for p in profiles if not p.serves(cost, budget_count)]
+    unserved = [p for p in profiles if not p.serves(cost, budget_count)]
     if unserved:
         raise ProfileMismatchError(
-            f"{len(unserved)} layer profiles (first: {unserved[0]}) hold only the candidates the ks search visited "
-            f"for {profiles[0].search_costs or 'other costs'}, not the best ks under cost {cost!r}"
+            f"{len(unserved)} layer profiles (first: {unserved[0].name}) hold only the candidates the ks search "
+            f"visited for {unserved[0].search_costs or 'other costs'}, not the best ks under cost {cost!r}"
             + (" nor every candidate a flops budget needs" if budget_count == "flops" else "")
             + ": profile again with this cost, or with --ks-search exhaustive to serve every cost and budget")
     options = candidate_choices(profiles, cost, budget_count)

@@ -56,8 +56,8 @@ class LayerProfile:
     candidates: list[Candidate]
     seconds: float = 0.0
     ks_search: str = "exhaustive"  # "auto": only the candidates the ks descent visited are stored
-    search_costs: list[str] | None = None  # ("auto") the costs whose best ks the descent found; None: every cost
-    # registered when it ran (profiles stored before the search took the run's cost)
+    search_costs: list[str] | None = None  # ("auto") the costs whose best ks the descent found; None in stores
+    # written before the search recorded them, when it searched every profiling-time cost
 
     def serves(self, cost: str, budget_count: str = "values") -> bool:
         """Whether the candidates stored hold the best ks per removed ratio under ``cost`` (and, for a flops
@@ -66,8 +66,8 @@ class LayerProfile:
             return True
         if budget_count == "flops":
             return False
-        wanted = ks_search_cost(cost)
-        return wanted in (self.search_costs if self.search_costs is not None else ("weight", "output", "blend"))
+        searched = self.search_costs if self.search_costs is not None else profiling_time_costs()
+        return ks_search_cost(cost) in searched
 
     def best_ks(self, error: str) -> dict[float, float]:
         """Per removed ratio, the ks of smallest ``error`` ("error_weight" or "error_output")."""
@@ -130,9 +130,11 @@ def profile_layer(name: str, W: torch.Tensor, S: torch.Tensor, grid: GridConfig,
     once."""
     d_in, d_out = W.shape
     basis = layer_basis(W, S, importance_power=importance_power, dtype=dtype)
+    if ks_search != "exhaustive":
+        search_costs = list(search_costs) if search_costs is not None else profiling_time_costs()
     profile = LayerProfile(name=name, d_in=d_in, d_out=d_out, dense_values=d_in * d_out,
                            dense_bytes=d_in * d_out * value_bytes, group=group, candidates=[], ks_search=ks_search,
-                           search_costs=None if ks_search == "exhaustive" or search_costs is None else list(search_costs))
+                           search_costs=None if ks_search == "exhaustive" else search_costs)
     evaluate = _evaluator(basis, d_in, d_out, value_bytes, ridge_rel)
     shapes = valid_shapes(d_in, d_out, grid)
     if ks_search == "exhaustive":
@@ -166,23 +168,27 @@ def _evaluator(basis, d_in: int, d_out: int, value_bytes: int, ridge_rel: float)
     return evaluate
 
 
-def searchable_costs(profile: LayerProfile, names: Sequence[str] | None = None) -> list[Callable[[Candidate], float]]:
-    """The costs ``names`` (default: every registered cost that can score ``profile``'s candidates at profiling
-    time), as functions of the candidate. A cost that needs per-layer data measured later (``fisher``: a
-    positive per-layer multiple of the squared output error, so its best ks is the output cost's) cannot."""
-    if names is not None:
-        return [lambda c, fn=get_cost(name).fn: fn(profile, c) for name in names]
+def profiling_time_costs() -> list[str]:
+    """The registered costs that score a candidate from its errors alone, in registry order. A cost that needs
+    per-layer data measured later (``fisher``: a positive per-layer multiple of the squared output error, so its
+    best ks is the output cost's) cannot score at profiling time."""
+    blank = LayerProfile(name="", d_in=1, d_out=1, dense_values=1, dense_bytes=1, group="", candidates=[])
     probe = Candidate(removed_ratio=0.0, ks=1.0, k=1, s=1, kept_values=0, kept_bytes=0, error_weight=0.0,
                       error_output=0.0)
-    costs = []
+    names = []
     for name in available_costs():
-        fn = get_cost(name).fn
         try:
-            fn(profile, probe)
+            get_cost(name).fn(blank, probe)
         except (ValueError, AttributeError, TypeError):
             continue
-        costs.append(lambda c, fn=fn: fn(profile, c))
-    return costs
+        names.append(name)
+    return names
+
+
+def searchable_costs(profile: LayerProfile, names: Sequence[str] | None = None) -> list[Callable[[Candidate], float]]:
+    """The costs ``names`` (default: :func:`profiling_time_costs`) as functions of ``profile``'s candidates."""
+    return [lambda c, fn=get_cost(name).fn: fn(profile, c)
+            for name in (profiling_time_costs() if names is None else names)]
 
 
 def ks_lookahead(grid: GridConfig) -> int:
