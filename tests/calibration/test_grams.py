@@ -88,6 +88,22 @@ def test_blocked_gram_update_equals_full_product_and_is_symmetric(d, block):
     assert torch.equal(G, G.T)
 
 
+@pytest.mark.parametrize("d,block", [(50, 16), (97, 24)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e30])  # 1e30: its square overflows
+def test_gram_update_refuses_non_finite_activations_and_leaves_the_gram_unchanged(d, block, bad):
+    from rocketlm.calibration.grams import add_gram_
+    gen = torch.Generator().manual_seed(d)
+    X = torch.randn(40, d, generator=gen)
+    G = torch.eye(d, dtype=torch.float64)
+    assert add_gram_(G, X, block=block)
+    before = G.clone()
+    for column in (0, d // 2, d - 1):  # in the first, a middle and the last column block
+        Y = X.clone()
+        Y[7, column] = bad
+        assert not add_gram_(G, Y, block=block)
+        assert torch.equal(G, before)
+
+
 def test_float32_batch_grams_accumulated_in_float64_stay_accurate():
     from rocketlm.calibration.grams import add_gram_, gram_work_dtype
     gen = torch.Generator().manual_seed(7)

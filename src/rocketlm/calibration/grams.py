@@ -70,13 +70,12 @@ class GramAccumulator:
 
     def _accumulate(self, name: str, group: str, x: torch.Tensor) -> None:
         X = x.detach().reshape(-1, x.shape[-1])
-        if not torch.isfinite(X).all():
-            raise CalibrationError(f"non-finite (NaN/Inf) activation at the input of {name}; "
-                                   "the model overflows in this dtype: try --dtype float32")
         X = X.to(gram_work_dtype(X.dtype))
         if group not in self.result.grams:
             self.result.grams[group] = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
-        add_gram_(self.result.grams[group], X)
+        if not add_gram_(self.result.grams[group], X):
+            raise CalibrationError(f"non-finite (NaN/Inf) activation at the input of {name}; "
+                                   "the model overflows in this dtype: try --dtype float32")
 
     def end_batch(self, tokens: int) -> None:
         self._seen.clear()
@@ -176,27 +175,38 @@ def gram_work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def add_gram_(G: torch.Tensor, X: torch.Tensor, block: int = 384) -> torch.Tensor:
-    """``G += X^T X`` computing only the block upper triangle (the lower one is its transpose).
+def add_gram_(G: torch.Tensor, X: torch.Tensor, block: int = 384) -> bool:
+    """``G += X^T X`` computing only the block upper triangle (the lower one is its transpose); returns False,
+    leaving ``G`` unchanged, when the product's diagonal is not finite.
 
     The products run in ``X``'s dtype and are added into ``G`` in ``G``'s dtype (float32 GEMMs into a
     float64 accumulator for calibration).
 
-    With ``n`` column blocks this is ``(n + 1) / (2 n)`` of the GEMM work (62.5% for SmolLM2's
-    1536-wide down_proj input); the result is exactly symmetric.
+    With ``n = round(d / block)`` column blocks this is ``(n + 1) / (2 n)`` of the GEMM work (62.5% for
+    SmolLM2's 1536-wide down_proj input); the result is exactly symmetric.
+
+    The diagonal, ``sum_t x_ti^2``, is NaN or infinite exactly when a column of ``X`` holds a NaN or an
+    infinity or its squares overflow ``X``'s dtype: checking it costs ``d`` reads, where checking ``X`` itself
+    took a pass over every activation, 30-40% of the update's GEMM time at SmolLM2's widths
+    (``bench/bench_cost_gram_update.py``).
     """
     d = X.shape[1]
     n = max(1, round(d / block))
     edges = [round(i * d / n) for i in range(n + 1)]
+    diagonal = []
+    for i in range(n):
+        Xi = X[:, edges[i]: edges[i + 1]]
+        part = Xi.T @ Xi
+        if not bool(torch.isfinite(part.diagonal()).all()):
+            return False
+        diagonal.append(part)
     for i in range(n):
         a, b = edges[i], edges[i + 1]
+        G[a:b, a:b] += 0.5 * (diagonal[i] + diagonal[i].T)  # a GEMM's diagonal block is symmetric only to rounding
         Xi = X[:, a:b]
-        for j in range(i, n):
+        for j in range(i + 1, n):
             c, e = edges[j], edges[j + 1]
             part = Xi.T @ X[:, c:e]
-            if j == i:
-                G[a:b, a:b] += 0.5 * (part + part.T)  # a GEMM's diagonal block is symmetric only to rounding
-            else:
-                G[a:b, c:e] += part
-                G[c:e, a:b] += part.T
-    return G
+            G[a:b, c:e] += part
+            G[c:e, a:b] += part.T
+    return True
