@@ -294,3 +294,29 @@ def test_damping_is_least_squares_pulled_towards_the_original_weight():
     expected = torch.linalg.lstsq(X_aug, Y_aug).solution
     assert torch.allclose(upstream_corrected_weight(W, whitening_factor(A), K), expected, atol=1e-9)
     assert damped_grams(X_c.T @ X_c, None, 0.0)[1] is None
+
+
+@pytest.mark.parametrize("stream", ["compressed", "dense"])
+def test_sequential_calibration_refuses_a_non_finite_activation_of_either_stream(stream, monkeypatch):
+    import rocketlm.calibration.sequential as sequential
+    from rocketlm.calibration.grams import CalibrationError
+    model = make_tiny_model("llama")
+    structure = decoder_structure(model)
+    if stream == "compressed":  # without the dense stream: only the compressed stream's Gram sees it
+        with torch.no_grad():
+            model.model.layers[0].post_attention_layernorm.weight[0] = float("nan")
+    else:  # only the dense stream's input to block 1's o_proj (the cross-Gram's right-hand side)
+        real = sequential._Streams._dense_input
+
+        def poisoned(self, i, b, dense_block, block_name, first):
+            x = real(self, i, b, dense_block, block_name, first)
+            if first.endswith("layers.1.self_attn.o_proj"):
+                x = x.clone()
+                x[0, 1, 2] = float("inf")
+            return x
+        monkeypatch.setattr(sequential._Streams, "_dense_input", poisoned)
+    expected = r"layers\.0\.mlp\.gate_proj" if stream == "compressed" else r"layers\.1\.self_attn\.o_proj"
+    with pytest.raises(CalibrationError, match=expected + r" in sequential calibration"):
+        for _ in iterate_sequential_grams(model, structure, _windows(), 2, structure.all_targets,
+                                          cross=stream == "dense"):
+            pass

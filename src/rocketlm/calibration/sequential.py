@@ -108,12 +108,14 @@ def group_input(block: nn.Module, module: nn.Module, hidden: torch.Tensor, kwarg
     return captured[0]
 
 
-def _flat(x: torch.Tensor, name: str) -> torch.Tensor:
+def _flat(x: torch.Tensor) -> torch.Tensor:
     """Tokens x features in the dtype of the dense calibration's products (:func:`gram_work_dtype`)."""
     X = x.detach().reshape(-1, x.shape[-1])
-    if not torch.isfinite(X).all():
-        raise CalibrationError(f"non-finite (NaN/Inf) activation at the input of {name} in sequential calibration")
     return X.to(gram_work_dtype(X.dtype))
+
+
+def _non_finite(name: str) -> CalibrationError:
+    return CalibrationError(f"non-finite (NaN/Inf) activation at the input of {name} in sequential calibration")
 
 
 class _Streams:
@@ -173,15 +175,20 @@ class _Streams:
         module = block.get_submodule(_relative(block_name, first))
         gram, cross, tokens = None, None, 0
         for i in range(len(self.batches)):
-            X_c = _flat(group_input(block, module, self.compressed[i], self.kwargs[i][b]), first)
+            X_c = _flat(group_input(block, module, self.compressed[i], self.kwargs[i][b]))
             if gram is None:
                 gram = torch.zeros(X_c.shape[1], X_c.shape[1], dtype=torch.float64, device=X_c.device)
-            add_gram_(gram, X_c)
+            if not add_gram_(gram, X_c):  # checks X_c through its Gram's diagonal
+                raise _non_finite(first)
             if dense_block is not None:
-                X_d = _flat(self._dense_input(i, b, dense_block, block_name, first), first)
+                X_d = _flat(self._dense_input(i, b, dense_block, block_name, first))
                 if cross is None:
                     cross = torch.zeros(X_c.shape[1], X_d.shape[1], dtype=torch.float64, device=X_c.device)
-                cross += X_c.T @ X_d  # one product per batch in the work dtype, summed in float64
+                part = X_c.T @ X_d  # one product per batch in the work dtype, summed in float64
+                # X_c is finite here, so a NaN/Inf of X_d (or an overflow) makes its column of the product non-finite
+                if not bool(torch.isfinite(part).all()):
+                    raise _non_finite(first)
+                cross += part
             tokens += self.batches[i].numel()
         if self.dense_inputs is not None:
             del self.dense_inputs[first]  # each group is staged once
