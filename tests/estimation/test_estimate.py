@@ -7,6 +7,7 @@ import pytest
 from conftest import make_tiny_config
 from rocketlm.cli import main
 from rocketlm.config import GridConfig, RocketConfig
+from rocketlm.errors import ConfigError
 from rocketlm.estimation import H100, EstimateOptions, estimate, project_to_device
 from rocketlm.estimation.project import lpt_pack, rank_batches
 
@@ -85,10 +86,10 @@ def test_cli_estimate_on_config_dir(config_dir, tmp_path, capsys):
     out = tmp_path / "estimate.json"
     rc = main(["estimate", str(config_dir), "--calib-samples", "4", "--seq-len", "16", "--calib-batch-size", "2",
                "--grid", GRID, "--repeats", "1", "--nproc", "2", "--target", "h100", "--shapes",
-               "--ks-search", "exhaustive", "--sequential", "--out", str(out), "-q"])
+               "--ks-search", "exhaustive", "--offload", "disk", "--out", str(out), "-q"])
     assert rc == 0
     printed = capsys.readouterr().out
-    for name in STAGES + ["total", "on H100 SXM", "Gram cache on disk", "not modelled: sequential=True"]:
+    for name in STAGES + ["total", "on H100 SXM", "Gram cache on disk", "not modelled: offload='disk'"]:
         assert name in printed
     data = json.loads(out.read_text())
     assert data["nproc"] == 2 and data["config"]["calib_samples"] == 4 and data["config"]["ks_search"] == "exhaustive"
@@ -98,3 +99,26 @@ def test_cli_estimate_on_config_dir(config_dir, tmp_path, capsys):
 def test_cli_estimate_rejects_a_bad_target(config_dir, capsys):
     assert main(["estimate", str(config_dir), "--target", "nonsense", "-q"]) == 2
     assert "--target" in capsys.readouterr().err
+
+
+def test_estimate_models_the_sequential_pass(config_dir):
+    plain = estimate(str(config_dir), _config(), EstimateOptions(repeats=1))
+    seq = estimate(str(config_dir), _config(sequential=True, upstream_correction=True), EstimateOptions(repeats=1))
+    _check(seq)
+    parts = {c.name: c.seconds for c in seq.stage("compression").components}
+    name = "sequential calibration (forwards to each group's input, Grams, dense stream and cross-Grams)"
+    assert parts[name] > 0
+    assert name not in {c.name for c in plain.stage("compression").components}
+    memory = seq.stage("compression").memory
+    assert memory["sequential hidden states"] == 2 * 6 * 32 * 64 * 4  # two streams x windows x seq x hidden x 4
+    assert memory["dense inputs of one block"] == 6 * 32 * 4 * (3 * 64 + 128)  # tokens x 4 x summed group widths
+    assert not any("not modelled" in note for note in seq.notes)
+    without_cross = estimate(str(config_dir), _config(sequential=True), EstimateOptions(repeats=1))
+    assert "sequential calibration (forwards to each group's input, Grams)" in {
+        c.name for c in without_cross.stage("compression").components}
+    assert "dense block copy" not in without_cross.stage("compression").memory
+
+
+def test_estimate_refuses_the_sequential_pass_on_several_processes(config_dir):
+    with pytest.raises(ConfigError, match="one process"):
+        estimate(str(config_dir), _config(sequential=True), EstimateOptions(nproc=2, repeats=1))

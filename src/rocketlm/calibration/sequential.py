@@ -150,7 +150,7 @@ class _Streams:
         firsts = {g[0]: dense_block.get_submodule(_relative(block_name, g[0])) for g in groups}
         tokens = sum(h.shape[:-1].numel() for h in self.dense)
         element = self.dense[0].element_size()
-        if tokens * element * sum(m.weight.shape[1] for m in firsts.values()) > self.max_stored_bytes:
+        if dense_inputs_bytes(tokens, element, [m.weight.shape[1] for m in firsts.values()]) > self.max_stored_bytes:
             return
         self.dense_inputs = {name: [] for name in firsts}
         handles = [m.register_forward_pre_hook(lambda mod, args, name=name: self.dense_inputs[name].append(args[0]))
@@ -204,10 +204,20 @@ class _Streams:
         self.dense_inputs = None
 
 
+# Room for one block's dense inputs (with ``cross``): beyond it, each group reruns the dense block (see _Streams).
+DENSE_INPUTS_BYTES = 2 << 30
+
+
+def dense_inputs_bytes(tokens: int, element_bytes: int, group_widths: Collection[int]) -> int:
+    """Bytes of one block's dense inputs kept for its groups (``tokens`` calibration tokens, the ``d_in`` of every
+    Gram group of the block), as :class:`_Streams` counts them against ``max_stored_bytes``."""
+    return tokens * element_bytes * sum(group_widths)
+
+
 @torch.no_grad()
 def iterate_sequential_grams(model: nn.Module, structure: DecoderStructure, windows: torch.Tensor, batch_size: int,
                              wanted: Collection[str], cross: bool = False, progress=None,
-                             max_stored_bytes: int = 2 << 30) -> Iterator[StageGrams]:
+                             max_stored_bytes: int = DENSE_INPUTS_BYTES) -> Iterator[StageGrams]:
     """Yield one :class:`StageGrams` per group holding layers in ``wanted``, in execution order.
 
     The caller may replace the yielded layers (``replace_module``) before asking for the next item:

@@ -51,9 +51,12 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="data directory [$ROCKETLM_DATA]")
     p.add_argument("--runtime", help=argparse.SUPPRESS)  # accepted as in compress, no cost effect
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction,
+                   help="the sequential calibration pass of the compression stage (timed on the probe block)")
+    p.add_argument("--upstream-correction", action=argparse.BooleanOptionalAction,
+                   help="with --sequential: its dense stream and cross-Grams")
+    p.add_argument("--sequential-damping", type=float, help=argparse.SUPPRESS)  # accepted as in compress, no cost effect
     # accepted as in compress, not modelled (the output says so when one is set)
-    for flag in ("--sequential", "--upstream-correction"):
-        p.add_argument(flag, action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
     p.add_argument("--offload", help=argparse.SUPPRESS)
     p.add_argument("--overwrite", action="store_true", help=argparse.SUPPRESS)
 

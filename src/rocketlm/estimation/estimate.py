@@ -21,9 +21,11 @@ from rocketlm.estimation.describe import ModelDescription, describe_model, read_
 from rocketlm.estimation.probe_allocation import probe_allocation, probe_disk
 from rocketlm.estimation.probe_calibration import probe_calibration, probe_data, probe_fingerprint
 from rocketlm.estimation.probe_layers import LayerProbe, LayerSettings, probe_layer, probe_whitening
-from rocketlm.estimation.project import (Component, RunShape, StageEstimate, layer_seconds, project_allocation,
+from rocketlm.estimation.project import (CalibrationModel, Component, RunShape, StageEstimate, layer_seconds,
+                                         project_allocation,
                                          project_calibration, project_compression, project_profiling)
 from rocketlm.estimation.timing import gemm_rate, process_baseline, using_clock
+from rocketlm.preflight import check_processes
 from rocketlm.profiling.profile import run_ks_search
 from rocketlm.profiling.run import profile_workers, threads_per_worker
 
@@ -134,13 +136,16 @@ def estimate(model: str, config: RocketConfig, options: EstimateOptions = Estima
 
 
 def _estimate(model: str, config: RocketConfig, options: EstimateOptions) -> CostEstimate:
+    check_processes(config, options.nproc)  # before any probe: options the run itself would refuse
     start, load = time.perf_counter(), _load_average()
     baseline = process_baseline()
     hf_config = read_config(model)
     d, probe = describe_model(model, hf_config, config.targets, config.ignore, options.dtype, config.device)
     run = _run_shape(config, options, baseline)
     calibration = probe_calibration(probe, d, min(config.calib_batch_size, config.calib_samples),
-                                    config.calib_seq_len, options.max_probe_tokens, options.repeats)
+                                    config.calib_seq_len, options.max_probe_tokens, options.repeats,
+                                    sequential=config.sequential, cross=config.sequential and config.upstream_correction,
+                                    calib_tokens=config.calib_samples * config.calib_seq_len)
     prelude, run = _prelude(model, config, options, probe, d, run)
     del probe
     layer_probes, whiten = _probe_layers(d, config, options)
@@ -159,7 +164,8 @@ def _estimate(model: str, config: RocketConfig, options: EstimateOptions) -> Cos
                                 allocation.profile_bytes, workers),
               project_allocation(d, allocation, run, calibration, _sensitivity_windows(config)),
               project_compression(d, layer_probes, whiten, run, disk, config.removed_ratio, value_bytes,
-                                  allocation)]
+                                  allocation, CalibrationModel(d, calibration, run.seq_len) if config.sequential
+                                  else None, config.upstream_correction)]
     dtypes = {d.dtype, "float64", config.profile_dtype, calibration.gram_dtype}
     rates = {dt: gemm_rate(dt, config.device).gflops for dt in dtypes}
     return CostEstimate(
@@ -198,8 +204,8 @@ def _notes(options: EstimateOptions, data_timed: bool) -> list[str]:
     return notes
 
 
-# Options of a run whose cost the estimate does not model (a second calibration pass, offloading).
-UNMODELLED = ("sequential", "upstream_correction", "offload")
+# Options of a run whose cost the estimate does not model (offloading).
+UNMODELLED = ("offload",)
 
 
 def _unmodelled(config: RocketConfig) -> list[str]:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from rocketlm.calibration.data import default_calib_files
 from rocketlm.calibration.grams import GramAccumulator, block_kwargs, first_block_inputs
 from rocketlm.calibration.run import calibration_windows
+from rocketlm.calibration.sequential import DENSE_INPUTS_BYTES, dense_inputs_bytes, iterate_sequential_grams
 from rocketlm.config import RocketConfig
 from rocketlm.errors import RocketError
 from rocketlm.estimation.describe import ModelDescription, Probe
@@ -42,6 +43,7 @@ class CalibrationProbe:
     head_s: float  # the lm_head product on the whole vocabulary
     probe_gram_flops: int  # sum of d_in^2 over the probe block's Gram groups (every linear's input)
     gram_dtype: str = "float64"  # the dtype of the Gram update's GEMMs
+    sequential_s: float | None = None  # the sequential calibration pass through the block (``--sequential``)
 
     @property
     def tokens(self) -> int:
@@ -74,8 +76,11 @@ def _head_seconds(hidden: torch.Tensor, vocab: int, repeats: int) -> float:
 
 @torch.no_grad()
 def probe_calibration(probe: Probe, description: ModelDescription, batch: int, seq_len: int,
-                      max_tokens: int = 4096, repeats: int = 3) -> CalibrationProbe:
-    """Time one probe batch through the probe block, without and with the Gram hooks."""
+                      max_tokens: int = 4096, repeats: int = 3, sequential: bool = False, cross: bool = False,
+                      calib_tokens: int = 0) -> CalibrationProbe:
+    """Time one probe batch through the probe block, without and with the Gram hooks, and with ``sequential``
+    through the sequential calibration pass (:func:`probe_sequential`; ``cross``: with the dense stream of the
+    upstream correction, for a run of ``calib_tokens`` calibration tokens)."""
     b, L = probe_batch_shape(batch, seq_len, max_tokens)
     device = next(probe.model.parameters()).device
     ids = torch.randint(0, probe.model.config.get_text_config().vocab_size, (b, L), device=device)
@@ -96,10 +101,33 @@ def probe_calibration(probe: Probe, description: ModelDescription, batch: int, s
         accumulator.remove()
     gram_width = sum(g.shape[0] ** 2 for g in accumulator.result.grams.values())
     head_s = _head_seconds(hidden, description.vocab_size, repeats)
-    result = CalibrationProbe(b, L, forward_s, grams_s, head_s, gram_width, gram_dtype(hidden.dtype))
-    log.info("calibration probe %dx%d: block forward %.3f s, with Grams %.3f s, lm_head %.3f s", b, L,
-             forward_s, grams_s, head_s)
+    sequential_s = None
+    if sequential:
+        widths: dict[int, list[int]] = {}
+        for block, d_in in description.groups().values():
+            widths.setdefault(block, []).append(d_in)
+        element = torch.empty((), dtype=hidden.dtype).element_size()
+        fits = max(dense_inputs_bytes(calib_tokens, element, w) for w in widths.values()) <= DENSE_INPUTS_BYTES
+        sequential_s = probe_sequential(probe, ids, cross, fits, repeats)
+    result = CalibrationProbe(b, L, forward_s, grams_s, head_s, gram_width, gram_dtype(hidden.dtype), sequential_s)
+    log.info("calibration probe %dx%d: block forward %.3f s, with Grams %.3f s, lm_head %.3f s%s", b, L,
+             forward_s, grams_s, head_s, "" if sequential_s is None else f", sequential pass {sequential_s:.3f} s")
     return result
+
+
+def probe_sequential(probe: Probe, ids: torch.Tensor, cross: bool, dense_inputs_fit: bool = True,
+                     repeats: int = 3) -> float:
+    """Seconds of :func:`~rocketlm.calibration.sequential.iterate_sequential_grams` through the probe block on
+    the batch ``ids`` (every Gram group staged, nothing compressed in between): the forwards up to each group's
+    input with its Gram, the block's output and, with ``cross``, the dense stream and the cross-Grams, its dense
+    inputs kept (``dense_inputs_fit``, as the run keeps them when they fit) or recomputed per group."""
+    names = probe.structure.targets[0]
+
+    def run():
+        for _ in iterate_sequential_grams(probe.model, probe.structure, ids, ids.shape[0], names, cross=cross,
+                                          max_stored_bytes=DENSE_INPUTS_BYTES if dense_inputs_fit else 0):
+            pass
+    return measure(run, repeats, ids.device)
 
 
 def probe_fingerprint(probe: Probe, description: ModelDescription, repeats: int = 3) -> float:

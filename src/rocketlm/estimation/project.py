@@ -19,6 +19,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from rocketlm.calibration.sequential import DENSE_INPUTS_BYTES, dense_inputs_bytes
 from rocketlm.calibration.sensitivity import HEAD_LOGIT_BYTES
 from rocketlm.errors import ConfigError
 from rocketlm.estimation.describe import ModelDescription
@@ -108,6 +109,10 @@ class CalibrationModel:
 
     def head(self, windows: int) -> float:
         return self.p.head_s * self._tokens(windows)
+
+    def sequential(self, windows: int) -> float:
+        """One batch through one block of the sequential calibration pass (0 when it was not probed)."""
+        return (self.p.sequential_s or 0.0) * self._tokens(windows) * self.attention
 
 
 def _calibration_rank(model: CalibrationModel, run: RunShape, rank: int, disk: DiskProbe) -> list[Component]:
@@ -232,23 +237,61 @@ def project_profiling(d: ModelDescription, probes: dict[tuple[int, int], LayerPr
                          memory, notes)
 
 
+def sequential_components(d: ModelDescription, model: CalibrationModel, run: RunShape,
+                          cross: bool) -> list[Component]:
+    """``--sequential``: every calibration batch through every block again, stopping at each Gram group's input
+    (with ``cross``, beside the dense model's stream and its cross-Grams), in one process."""
+    batches = rank_batches(run.samples, run.batch_size, 0, 1)
+    seconds = d.n_blocks * sum(model.sequential(w) for w in batches)
+    name = "sequential calibration (forwards to each group's input, Grams" + (
+        ", dense stream and cross-Grams)" if cross else ")")
+    return [Component(name, seconds, d.dtype)]
+
+
+def sequential_memory(d: ModelDescription, run: RunShape, cross: bool) -> dict[str, int]:
+    """What the sequential pass holds beside the compression stage's work: the hidden states of every window
+    entering the current block (two streams with ``cross``), one group's Gram and cross-Gram, and with ``cross``
+    a copy of the current block and its groups' dense inputs when they fit (see
+    :func:`rocketlm.calibration.sequential.dense_inputs_bytes`)."""
+    hidden = run.tokens * d.hidden_size * d.dtype_bytes
+    widest = max(d_in for _, d_in in d.groups().values())
+    memory = {"sequential hidden states": hidden * (2 if cross else 1),
+              "sequential Grams": 8 * widest * widest * (2 if cross else 1)}
+    if cross:
+        widths: dict[int, list[int]] = defaultdict(list)
+        for block, d_in in d.groups().values():
+            widths[block].append(d_in)
+        stored = max(dense_inputs_bytes(run.tokens, d.dtype_bytes, w) for w in widths.values())
+        memory["dense block copy"] = d.block_params * d.dtype_bytes
+        memory["dense inputs of one block"] = stored if stored <= DENSE_INPUTS_BYTES else 0
+    return memory
+
+
 def project_compression(d: ModelDescription, probes: dict[tuple[int, int], LayerProbe], whiten: dict[int, float],
                         run: RunShape, disk: DiskProbe, removed_ratio: float, value_bytes: int,
-                        allocation: AllocationProbe) -> StageEstimate:
-    """The layers the synthetic allocation compresses are factored (the real allocation's count differs)."""
+                        allocation: AllocationProbe, sequential: CalibrationModel | None = None,
+                        cross: bool = False) -> StageEstimate:
+    """The layers the synthetic allocation compresses are factored (the real allocation's count differs).
+    ``sequential`` (a calibration model whose probe timed the sequential pass): the run's ``--sequential``
+    pass (``cross``: with ``--upstream-correction``), one process, before the layers' factorizations."""
     parts = {}
     for layer in d.layers:
         if layer.name in allocation.compressed:
             probe = probes[(layer.d_in, layer.d_out)]
             parts[layer.name] = [Component("whitened basis (float64)", probe.basis_s, "float64"),
                                  Component("factors, module and direct check", probe.compress_s, "float64")]
-    slowest = layer_parallel(d, parts, whiten, disk, run.nproc)
+    nproc = 1 if sequential is not None else run.nproc  # the sequential pass and its layers: one process
+    slowest = layer_parallel(d, parts, whiten, disk, nproc)
     work = max(layer_work_bytes(layer.d_in, layer.d_out) + 32 * layer.d_in * layer.d_out for layer in d.layers)
     memory = _layer_memory(d, run, work, allocation.profile_bytes)
     memory["compressed modules"] = int((1.0 - removed_ratio) * sum(x.d_in * x.d_out for x in d.layers) * value_bytes)
-    every = sum(c.seconds for c in layer_parallel(d, _every_layer(d, probes), whiten, disk, run.nproc))
+    every = sum(c.seconds for c in layer_parallel(d, _every_layer(d, probes), whiten, disk, nproc))
     notes = (f"{len(parts)} of {len(d.layers)} layers compressed, as the allocation of synthetic profiles chose; "
              f"all {len(d.layers)}: {every:.3g} s",)
+    if sequential is not None:
+        slowest = sequential_components(d, sequential, run, cross) + slowest
+        memory.update(sequential_memory(d, run, cross))
+        notes += ("sequential pass timed on the probe block with every Gram group staged, in one process",)
     return StageEstimate("compression", sum(c.seconds for c in slowest), sum(memory.values()), tuple(slowest),
                          memory, notes)
 
