@@ -43,7 +43,9 @@ class CalibrationProbe:
     head_s: float  # the lm_head product on the whole vocabulary
     probe_gram_flops: int  # sum of d_in^2 over the probe block's Gram groups (every linear's input)
     gram_dtype: str = "float64"  # the dtype of the Gram update's GEMMs
-    sequential_s: float | None = None  # the sequential calibration pass through the block (``--sequential``)
+    # ``--sequential``: the sequential calibration pass through the block, per batch and once per block
+    sequential_s: float | None = None
+    sequential_block_s: float = 0.0
 
     @property
     def tokens(self) -> int:
@@ -108,26 +110,35 @@ def probe_calibration(probe: Probe, description: ModelDescription, batch: int, s
             widths.setdefault(block, []).append(d_in)
         element = torch.empty((), dtype=hidden.dtype).element_size()
         fits = max(dense_inputs_bytes(calib_tokens, element, w) for w in widths.values()) <= DENSE_INPUTS_BYTES
-        sequential_s = probe_sequential(probe, ids, cross, fits, repeats)
-    result = CalibrationProbe(b, L, forward_s, grams_s, head_s, gram_width, gram_dtype(hidden.dtype), sequential_s)
+        sequential_s, sequential_block_s = probe_sequential(probe, ids, cross, fits, repeats)
+    result = CalibrationProbe(b, L, forward_s, grams_s, head_s, gram_width, gram_dtype(hidden.dtype), sequential_s,
+                              sequential_block_s if sequential else 0.0)
     log.info("calibration probe %dx%d: block forward %.3f s, with Grams %.3f s, lm_head %.3f s%s", b, L,
-             forward_s, grams_s, head_s, "" if sequential_s is None else f", sequential pass {sequential_s:.3f} s")
+             forward_s, grams_s, head_s, "" if sequential_s is None else
+             f", sequential pass {sequential_s:.3f} s per batch + {sequential_block_s:.3f} s per block")
     return result
 
 
 def probe_sequential(probe: Probe, ids: torch.Tensor, cross: bool, dense_inputs_fit: bool = True,
-                     repeats: int = 3) -> float:
-    """Seconds of :func:`~rocketlm.calibration.sequential.iterate_sequential_grams` through the probe block on
-    the batch ``ids`` (every Gram group staged, nothing compressed in between): the forwards up to each group's
-    input with its Gram, the block's output and, with ``cross``, the dense stream and the cross-Grams, its dense
-    inputs kept (``dense_inputs_fit``, as the run keeps them when they fit) or recomputed per group."""
+                     repeats: int = 3, batches: int = 4) -> tuple[float, float]:
+    """``(seconds per batch, seconds per block)`` of
+    :func:`~rocketlm.calibration.sequential.iterate_sequential_grams` through the probe block (every Gram group
+    staged, nothing compressed in between): the forwards up to each group's input with its Gram, the block's
+    output and, with ``cross``, the dense stream and the cross-Grams, its dense inputs kept
+    (``dense_inputs_fit``, as the run keeps them when they fit) or recomputed per group. Timed on one batch
+    ``ids`` and on ``batches`` of them: the difference is the per-batch cost, the rest is paid once per block
+    (the block's copy, the forward that orders its groups)."""
     names = probe.structure.targets[0]
 
-    def run():
-        for _ in iterate_sequential_grams(probe.model, probe.structure, ids, ids.shape[0], names, cross=cross,
-                                          max_stored_bytes=DENSE_INPUTS_BYTES if dense_inputs_fit else 0):
-            pass
-    return measure(run, repeats, ids.device)
+    def run(windows: torch.Tensor) -> float:
+        def once():
+            for _ in iterate_sequential_grams(probe.model, probe.structure, windows, ids.shape[0], names, cross=cross,
+                                              max_stored_bytes=DENSE_INPUTS_BYTES if dense_inputs_fit else 0):
+                pass
+        return measure(once, repeats, ids.device)
+    one, several = run(ids), run(ids.repeat(batches, 1))
+    per_batch = max(0.0, several - one) / (batches - 1)
+    return per_batch, max(0.0, one - per_batch)
 
 
 def probe_fingerprint(probe: Probe, description: ModelDescription, repeats: int = 3) -> float:

@@ -114,6 +114,10 @@ class CalibrationModel:
         """One batch through one block of the sequential calibration pass (0 when it was not probed)."""
         return (self.p.sequential_s or 0.0) * self._tokens(windows) * self.attention
 
+    def sequential_block(self) -> float:
+        """What the sequential pass pays once per block (its copy, the forward that orders its groups)."""
+        return self.p.sequential_block_s
+
 
 def _calibration_rank(model: CalibrationModel, run: RunShape, rank: int, disk: DiskProbe) -> list[Component]:
     d = model.d
@@ -242,7 +246,7 @@ def sequential_components(d: ModelDescription, model: CalibrationModel, run: Run
     """``--sequential``: every calibration batch through every block again, stopping at each Gram group's input
     (with ``cross``, beside the dense model's stream and its cross-Grams), in one process."""
     batches = rank_batches(run.samples, run.batch_size, 0, 1)
-    seconds = d.n_blocks * sum(model.sequential(w) for w in batches)
+    seconds = d.n_blocks * (model.sequential_block() + sum(model.sequential(w) for w in batches))
     name = "sequential calibration (forwards to each group's input, Grams" + (
         ", dense stream and cross-Grams)" if cross else ")")
     return [Component(name, seconds, d.dtype)]
