@@ -22,8 +22,8 @@ from rocketlm.estimation.probe_allocation import probe_allocation, probe_disk
 from rocketlm.estimation.probe_calibration import probe_calibration, probe_data, probe_fingerprint
 from rocketlm.estimation.probe_layers import LayerProbe, LayerSettings, probe_layer, probe_whitening
 from rocketlm.estimation.project import (CalibrationModel, Component, RunShape, StageEstimate, layer_seconds,
-                                         project_allocation,
-                                         project_calibration, project_compression, project_profiling)
+                                         project_allocation, project_calibration, project_compression,
+                                         project_profiling)
 from rocketlm.estimation.timing import gemm_rate, process_baseline, using_clock
 from rocketlm.preflight import check_processes
 from rocketlm.profiling.profile import run_ks_search
