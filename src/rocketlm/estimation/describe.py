@@ -65,6 +65,15 @@ class ModelDescription:
         """Bytes of one block's float64 Grams."""
         return sum(8 * d * d for b, d in self.groups().values() if b == block)
 
+    def dense_inputs_bytes(self, tokens: int) -> int:
+        """The most bytes one block's dense inputs take in ``--sequential --upstream-correction`` for ``tokens``
+        calibration tokens (:func:`rocketlm.calibration.sequential.dense_inputs_bytes` of the block's groups)."""
+        from rocketlm.calibration.sequential import dense_inputs_bytes
+        widths: dict[int, list[int]] = {}
+        for block, d_in in self.groups().values():
+            widths.setdefault(block, []).append(d_in)
+        return max(dense_inputs_bytes(tokens, self.dtype_bytes, w) for w in widths.values())
+
     def shapes(self) -> list[tuple[int, int]]:
         """Distinct (d_in, d_out) of the target layers, in order of appearance."""
         return list(dict.fromkeys((layer.d_in, layer.d_out) for layer in self.layers))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from rocketlm.calibration.data import default_calib_files
 from rocketlm.calibration.grams import GramAccumulator, block_kwargs, first_block_inputs
 from rocketlm.calibration.run import calibration_windows
-from rocketlm.calibration.sequential import DENSE_INPUTS_BYTES, dense_inputs_bytes, iterate_sequential_grams
+from rocketlm.calibration.sequential import DENSE_INPUTS_BYTES, iterate_sequential_grams
 from rocketlm.config import RocketConfig
 from rocketlm.errors import RocketError
 from rocketlm.estimation.describe import ModelDescription, Probe
@@ -103,16 +103,12 @@ def probe_calibration(probe: Probe, description: ModelDescription, batch: int, s
         accumulator.remove()
     gram_width = sum(g.shape[0] ** 2 for g in accumulator.result.grams.values())
     head_s = _head_seconds(hidden, description.vocab_size, repeats)
-    sequential_s = None
+    sequential_s, sequential_block_s = None, 0.0
     if sequential:
-        widths: dict[int, list[int]] = {}
-        for block, d_in in description.groups().values():
-            widths.setdefault(block, []).append(d_in)
-        element = torch.empty((), dtype=hidden.dtype).element_size()
-        fits = max(dense_inputs_bytes(calib_tokens, element, w) for w in widths.values()) <= DENSE_INPUTS_BYTES
+        fits = description.dense_inputs_bytes(calib_tokens) <= DENSE_INPUTS_BYTES
         sequential_s, sequential_block_s = probe_sequential(probe, ids, cross, fits, repeats)
     result = CalibrationProbe(b, L, forward_s, grams_s, head_s, gram_width, gram_dtype(hidden.dtype), sequential_s,
-                              sequential_block_s if sequential else 0.0)
+                              sequential_block_s)
     log.info("calibration probe %dx%d: block forward %.3f s, with Grams %.3f s, lm_head %.3f s%s", b, L,
              forward_s, grams_s, head_s, "" if sequential_s is None else
              f", sequential pass {sequential_s:.3f} s per batch + {sequential_block_s:.3f} s per block")

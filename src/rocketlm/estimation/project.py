@@ -19,7 +19,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from rocketlm.calibration.sequential import DENSE_INPUTS_BYTES, dense_inputs_bytes
+from rocketlm.calibration.sequential import DENSE_INPUTS_BYTES
 from rocketlm.calibration.sensitivity import HEAD_LOGIT_BYTES
 from rocketlm.errors import ConfigError
 from rocketlm.estimation.describe import ModelDescription
@@ -256,16 +256,13 @@ def sequential_memory(d: ModelDescription, run: RunShape, cross: bool) -> dict[s
     """What the sequential pass holds beside the compression stage's work: the hidden states of every window
     entering the current block (two streams with ``cross``), one group's Gram and cross-Gram, and with ``cross``
     a copy of the current block and its groups' dense inputs when they fit (see
-    :func:`rocketlm.calibration.sequential.dense_inputs_bytes`)."""
+    :meth:`ModelDescription.dense_inputs_bytes`)."""
     hidden = run.tokens * d.hidden_size * d.dtype_bytes
     widest = max(d_in for _, d_in in d.groups().values())
     memory = {"sequential hidden states": hidden * (2 if cross else 1),
               "sequential Grams": 8 * widest * widest * (2 if cross else 1)}
     if cross:
-        widths: dict[int, list[int]] = defaultdict(list)
-        for block, d_in in d.groups().values():
-            widths[block].append(d_in)
-        stored = max(dense_inputs_bytes(run.tokens, d.dtype_bytes, w) for w in widths.values())
+        stored = d.dense_inputs_bytes(run.tokens)
         memory["dense block copy"] = d.block_params * d.dtype_bytes
         memory["dense inputs of one block"] = stored if stored <= DENSE_INPUTS_BYTES else 0
     return memory
