@@ -75,8 +75,8 @@ def check_processes(config: RocketConfig, world_size: int) -> None:
     """Sequential calibration (and the upstream correction it carries) runs in one process."""
     from rocketlm.compression.sequential import uses_refit_stage
     if world_size > 1 and uses_refit_stage(config):
-        raise ConfigError("--sequential / --upstream-correction run in one process only; "
-                          "start rocketlm compress without torchrun for these options")
+        raise ConfigError("--sequential / --upstream-correction run in one process only; start rocketlm compress "
+                          "without torchrun for these options (rocketlm estimate: --nproc 1)")
 
 
 def check_compress_inputs(config: RocketConfig, out_dir: str | os.PathLike | None, data_dir: str | None,
