@@ -55,7 +55,8 @@ def variant_options(variant: str) -> dict:
 def run_variant(variant: str, args, windows: torch.Tensor) -> dict:
     config = RocketConfig(removed_ratio=args.ratio, cost=args.cost, calib_samples=args.calib_samples,
                           calib_seq_len=args.seq_len, seed=args.seed, grid=GridConfig.parse(args.grid),
-                          ks_search=args.ks_search, refine_iters=0)  # variants add to the closed form
+                          ks_search=args.ks_search, refine_iters=0, sequential=False,
+                          upstream_correction=False, sequential_damping=0.0)  # variants add to the closed form
     config = config.replace(**variant_options(variant))
     model, tokenizer = load_model("smollm2-135m")
     start = time.perf_counter()

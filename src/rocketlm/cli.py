@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from rocketlm.config import BUDGET_COUNTS, RUNTIMES, ConfigError, GridConfig, RocketConfig
+from rocketlm.config import (BUDGET_COUNTS, RUNTIMES, SEQUENTIAL_AUTO_DAMPING, SEQUENTIAL_AUTO_FROM_REMOVED,
+                             ConfigError, GridConfig, RocketConfig)
 from rocketlm.errors import RocketError
 
 log = logging.getLogger("rocketlm")
@@ -61,13 +62,14 @@ def _compress_parser(sub) -> None:
     p.add_argument("--config", help="JSON file with a RocketConfig; flags given on the command line override it")
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction,
                    help="factor each layer with the Gram of its input in the model compressed so far "
-                        f"(a second, sequential calibration pass) (default {'on' if d.sequential else 'off'})")
+                        "(a second, sequential calibration pass) (default: on from --ratio "
+                        f"{SEQUENTIAL_AUTO_FROM_REMOVED:g}, in one process with the weights in memory)")
     p.add_argument("--upstream-correction", action=argparse.BooleanOptionalAction,
                    help="with --sequential: fit the dense model's outputs from the compressed inputs, so a layer "
-                        f"also repairs what earlier layers broke (default {'on' if d.upstream_correction else 'off'})")
+                        "also repairs what earlier layers broke (default: on with --sequential)")
     p.add_argument("--sequential-damping", type=float,
                    help="with --sequential: ridge (x mean Gram diagonal) pulling each refit towards the original "
-                        f"weight (default {d.sequential_damping})")
+                        f"weight (default {SEQUENTIAL_AUTO_DAMPING:g} with --sequential)")
     p.add_argument("--refine-iters", type=int,
                    help=f"alternating closed-form refits of U and of V's kept values (default {d.refine_iters})")
     p.add_argument("--sensitivity-samples", type=int,
@@ -229,6 +231,9 @@ def _print_summary(manifest: dict) -> None:
     cap = "off" if alloc.get("alpha") is None else f"{alloc['alpha']:g}"
     print(f"layers: {len(alloc['choices'])} targeted, {n_dense} left dense; summed cost {alloc['total_cost']:.4f}; "
           f"alpha cap {cap}")
+    if cfg.get("sequential"):
+        print(f"sequential calibration: on (upstream correction {'on' if cfg.get('upstream_correction') else 'off'}, "
+              f"damping {cfg.get('sequential_damping') or 0:g})")
     print(f"model.safetensors: {on_disk / 1e6:.1f} MB vs dense {dense / 1e6:.1f} MB ({100 * on_disk / dense:.1f}%)")
     for name, st in manifest.get("stages", {}).items():
         print(f"  {name:<12} {st['seconds']:8.1f} s   peak RSS {st['peak_rss_bytes'] / 2**30:.2f} GiB")

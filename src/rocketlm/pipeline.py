@@ -19,7 +19,7 @@ from rocketlm.calibration.store import GramStore
 from rocketlm.allocation.costs import needs_sensitivity
 from rocketlm.calibration.sensitivity import attach_sensitivities
 from rocketlm.compression.apply import apply_allocation
-from rocketlm.compression.sequential import compress_with_refits, uses_refit_stage
+from rocketlm.compression.sequential import compress_with_refits, decide_sequential, uses_refit_stage
 from rocketlm.config import RocketConfig
 from rocketlm.distributed.context import SINGLE, DistContext
 from rocketlm.distributed.profiling import open_profile_store
@@ -85,7 +85,9 @@ def compress(model, tokenizer, config: RocketConfig, *, cache_dir: str | os.Path
     Rank 0's result is complete (model, profiles); the other ranks' results hold the allocation
     and only their own share of the compressed layers, and no profiles.
     """
-    if getattr(model, "rocketlm_offload", None) is not None:  # --offload disk: one block resident at a time
+    offloaded = getattr(model, "rocketlm_offload", None) is not None
+    config = decide_sequential(config, (dist or SINGLE).world_size, offloaded)  # what auto means for this run
+    if offloaded:  # --offload disk: one block resident at a time
         from rocketlm.offload.pipeline import compress_offloaded
         return compress_offloaded(model, tokenizer, config, cache_dir=cache_dir, data_dir=data_dir,
                                   progress=progress, dist=dist)

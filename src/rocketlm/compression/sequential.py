@@ -27,7 +27,7 @@ from rocketlm.allocation.plan import Allocation, LayerChoice
 from rocketlm.calibration.sequential import iterate_sequential_grams
 from rocketlm.calibration.store import GramStore
 from rocketlm.compression.modules import SparseDictionaryLinear, replace_module
-from rocketlm.config import RocketConfig
+from rocketlm.config import SEQUENTIAL_AUTO_DAMPING, SEQUENTIAL_AUTO_FROM_REMOVED, RocketConfig
 from rocketlm.compression.apply import refine
 from rocketlm.factorization.refit import damped_grams, upstream_corrected_weight, whitened_errors
 from rocketlm.factorization.sparse_dictionary import factorize_candidate, layer_basis, whitening_factor
@@ -36,6 +36,33 @@ from rocketlm.models.discovery import DecoderStructure
 from rocketlm.preflight import check_processes
 
 log = logging.getLogger(__name__)
+
+
+def decide_sequential(config: RocketConfig, world_size: int = 1, offloaded: bool = False) -> RocketConfig:
+    """``config`` with ``sequential``, ``upstream_correction`` and ``sequential_damping`` decided where they are
+    ``None`` (auto): sequential (with correction and damping :data:`SEQUENTIAL_AUTO_DAMPING`) from
+    :data:`SEQUENTIAL_AUTO_FROM_REMOVED` removed on, where it runs: one process, the weights in memory.
+
+    Explicit values are kept (the config's own checks and :func:`check_processes` refuse the impossible ones);
+    an explicit ``upstream_correction`` or damping turns an auto ``sequential`` on, as they need it.
+    """
+    sequential = config.sequential
+    if sequential is None:
+        wanted = config.removed_ratio >= SEQUENTIAL_AUTO_FROM_REMOVED - 1e-9
+        possible = world_size == 1 and not offloaded
+        sequential = bool(config.upstream_correction or config.sequential_damping) or (wanted and possible)
+        if wanted and not possible:
+            log.warning("sequential calibration (on by default from %.0f%% removed) is off: it runs in one process "
+                        "with the weights in memory (%s); pass --no-sequential to silence this",
+                        100 * SEQUENTIAL_AUTO_FROM_REMOVED, "offloaded run" if offloaded else f"{world_size} processes")
+        elif sequential:
+            log.info("sequential calibration on (default from %.0f%% removed; --no-sequential turns it off)",
+                     100 * SEQUENTIAL_AUTO_FROM_REMOVED)
+    correction = sequential if config.upstream_correction is None else config.upstream_correction
+    damping = config.sequential_damping
+    if damping is None:
+        damping = SEQUENTIAL_AUTO_DAMPING if sequential else 0.0
+    return config.replace(sequential=sequential, upstream_correction=correction, sequential_damping=damping)
 
 
 def uses_refit_stage(config: RocketConfig) -> bool:
@@ -112,6 +139,7 @@ def compress_with_refits(model, structure: DecoderStructure, allocation: Allocat
     """Factor and swap in every allocated layer as ``config`` asks (see the module docstring); returns a
     summary of planned vs shipped errors for the checkpoint's checks. One process only (``dist``)."""
     check_processes(config, dist.world_size if dist is not None else 1)
+    config = decide_sequential(config)  # a config straight from the API may still say auto
     modules = dict(model.named_modules())
     by_name = {c.name: c for c in allocation.choices if not c.dense}
     records: list[LayerRefit] = []

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from rocketlm.config import BUDGET_COUNTS, GridConfig, RocketConfig
+from rocketlm.config import BUDGET_COUNTS, SEQUENTIAL_AUTO_FROM_REMOVED, GridConfig, RocketConfig
 from rocketlm.errors import ConfigError
 from rocketlm.estimation.estimate import H100, EstimateOptions, TargetDevice
 
@@ -52,7 +52,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", help=argparse.SUPPRESS)  # accepted as in compress, no cost effect
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction,
-                   help="the sequential calibration pass of the compression stage (timed on the probe block)")
+                   help="the sequential calibration pass of the compression stage (timed on the probe block; "
+                        f"default: as compress decides, on from --ratio {SEQUENTIAL_AUTO_FROM_REMOVED:g} in one process)")
     p.add_argument("--upstream-correction", action=argparse.BooleanOptionalAction,
                    help="with --sequential: its dense stream and cross-Grams")
     p.add_argument("--sequential-damping", type=float, help=argparse.SUPPRESS)  # accepted as in compress, no cost effect

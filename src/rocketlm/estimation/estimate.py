@@ -25,6 +25,7 @@ from rocketlm.estimation.project import (CalibrationModel, Component, RunShape, 
                                          project_allocation, project_calibration, project_compression,
                                          project_profiling)
 from rocketlm.estimation.timing import gemm_rate, process_baseline, using_clock
+from rocketlm.compression.sequential import decide_sequential
 from rocketlm.preflight import check_processes
 from rocketlm.profiling.profile import run_ks_search
 from rocketlm.profiling.run import profile_workers, threads_per_worker
@@ -137,6 +138,7 @@ def estimate(model: str, config: RocketConfig, options: EstimateOptions = Estima
 
 def _estimate(model: str, config: RocketConfig, options: EstimateOptions) -> CostEstimate:
     check_processes(config, options.nproc)  # before any probe: options the run itself would refuse
+    config = decide_sequential(config, options.nproc, offloaded=config.offload == "disk")  # as the run decides
     start, load = time.perf_counter(), _load_average()
     baseline = process_baseline()
     hf_config = read_config(model)
