@@ -40,7 +40,8 @@ def _command(procs: int, args, out: Path, cache: Path) -> list[str]:
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
         "--master-port", str(_free_port()), "-m", "rocketlm"]
     cmd = [*launcher, "compress", args.model, "--ratio", str(args.ratio), "--out", str(out),
-           "--cache-dir", str(cache), "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len), "-q"]
+           "--cache-dir", str(cache), "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len), "-q",
+           "--no-sequential"]  # the same work on 1 and N processes (the sequential pass runs in one process only)
     if args.cost:
         cmd += ["--cost", args.cost]
     if args.grid:

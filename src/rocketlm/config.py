@@ -74,7 +74,8 @@ def parse_values(text: str, what: str = "grid range") -> tuple[float, ...]:
 OFFLOAD_MODES = ("none", "auto", "cpu", "disk")
 # sequential calibration with upstream correction and damping 0.1 on top of fisher + 3 refits, SmolLM2-135M at the
 # reference settings, WikiText-2 first 40 windows (README, Quality at 20% and 50%): 50% removed 183.0 -> 118.1,
-# 20% removed 26.79 -> 26.78 for 2.5x the compression stage's time: on by default where it pays
+# 35% 57.28 -> 47.84, 20% 26.79 -> 26.78 (no gain for about 1.6x the whole run's time): on where it pays
+# (damping 0.03 / 0.3: 124.2 / 120.7 at 50%, 27.46 / 26.74 at 20%)
 SEQUENTIAL_AUTO_FROM_REMOVED = 0.35
 SEQUENTIAL_AUTO_DAMPING = 0.1
 

@@ -53,7 +53,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction,
                    help="the sequential calibration pass of the compression stage (timed on the probe block; "
-                        f"default: as compress decides, on from --ratio {SEQUENTIAL_AUTO_FROM_REMOVED:g} in one process)")
+                        f"default: as compress decides, on from --ratio {SEQUENTIAL_AUTO_FROM_REMOVED:g} in one "
+                        "process)")
     p.add_argument("--upstream-correction", action=argparse.BooleanOptionalAction,
                    help="with --sequential: its dense stream and cross-Grams")
     p.add_argument("--sequential-damping", type=float, help=argparse.SUPPRESS)  # accepted as in compress, no cost effect
