@@ -14,6 +14,16 @@ def tiny_dir(tmp_path):
     return path
 
 
+def test_cli_compress_prints_what_the_sequential_pass_ran(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ROCKETLM_DATA", str(data_dir))
+    out = tmp_path / "ckpt"
+    assert main(["compress", str(tiny_dir), "--ratio", "0.25", "--cost", "weight", "--out", str(out),
+                 "--calib-samples", "6", "--seq-len", "32", "--grid", "removed=0.1:0.7:0.2;ks=1,2,3",
+                 "--sequential", "--sequential-samples", "4", "--cache-dir", str(tmp_path / "cache"), "-q"]) == 0
+    assert "sequential calibration: on (upstream correction on, damping 0.1, 4 of 6 windows)" in capsys.readouterr().out
+    assert json.loads((out / "rocketlm.json").read_text())["config"]["sequential_samples"] == 4
+
+
 def test_cli_compress_ppl_info_export_end_to_end(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ROCKETLM_DATA", str(data_dir))
     out = tmp_path / "ckpt"

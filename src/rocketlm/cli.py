@@ -70,6 +70,9 @@ def _compress_parser(sub) -> None:
     p.add_argument("--sequential-damping", type=float,
                    help="with --sequential: ridge (x mean Gram diagonal) pulling each refit towards the original "
                         f"weight (default {SEQUENTIAL_AUTO_DAMPING:g} with --sequential)")
+    p.add_argument("--sequential-samples", type=int,
+                   help="with --sequential: calibration windows (the first N) the sequential pass runs through the "
+                        f"model; its time grows with them (default {d.sequential_samples})")
     p.add_argument("--refine-iters", type=int,
                    help=f"alternating closed-form refits of U and of V's kept values (default {d.refine_iters})")
     p.add_argument("--sensitivity-samples", type=int,
@@ -162,7 +165,7 @@ _FLAG_TO_FIELD = {"ratio": "removed_ratio", "cost": "cost", "budget_count": "bud
                   "calib_samples": "calib_samples", "seq_len": "calib_seq_len", "calib_batch_size": "calib_batch_size",
                   "seed": "seed", "profile_dtype": "profile_dtype", "device": "device", "save_dtype": "save_dtype",
                   "sequential": "sequential", "upstream_correction": "upstream_correction",
-                  "sequential_damping": "sequential_damping",
+                  "sequential_damping": "sequential_damping", "sequential_samples": "sequential_samples",
                   "refine_iters": "refine_iters", "sensitivity_samples": "sensitivity_samples",
                   "offload": "offload", "ks_search": "ks_search",
                   "profile_workers": "profile_workers"}
@@ -233,7 +236,8 @@ def _print_summary(manifest: dict) -> None:
           f"alpha cap {cap}")
     if cfg.get("sequential"):
         print(f"sequential calibration: on (upstream correction {'on' if cfg.get('upstream_correction') else 'off'}, "
-              f"damping {cfg.get('sequential_damping') or 0:g})")
+              f"damping {cfg.get('sequential_damping') or 0:g}, "
+              f"{min(cfg['sequential_samples'], cfg['calib_samples'])} of {cfg['calib_samples']} windows)")
     print(f"model.safetensors: {on_disk / 1e6:.1f} MB vs dense {dense / 1e6:.1f} MB ({100 * on_disk / dense:.1f}%)")
     for name, st in manifest.get("stages", {}).items():
         print(f"  {name:<12} {st['seconds']:8.1f} s   peak RSS {st['peak_rss_bytes'] / 2**30:.2f} GiB")

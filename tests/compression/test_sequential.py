@@ -217,6 +217,27 @@ def test_pipeline_with_refits_saves_and_loads(options, calib_file, tmp_path):
     assert refit["upstream_correction"] == result.config.upstream_correction is not None
 
 
+def test_sequential_pass_runs_its_first_windows_only(calib_file, tmp_path):
+    """``sequential_samples=N`` on the calibration windows is the pass over their first N windows."""
+    from rocketlm.compression.sequential import compress_with_refits
+    base = compress(make_tiny_model("llama"), make_tiny_tokenizer(),
+                    tiny_rocket_config(calib_file, removed_ratio=0.5, sequential=False),
+                    cache_dir=tmp_path / "cache", progress=False)
+    windows = _windows(n=8, seq=32)
+    config = base.config.replace(sequential=True, upstream_correction=True, sequential_damping=0.1)
+    logits = []
+    for ws, samples in ((windows, 3), (windows[:3], 64), (windows, 8)):
+        model = make_tiny_model("llama")
+        compress_with_refits(model, decoder_structure(model), base.allocation, None, ws,
+                             config.replace(sequential_samples=samples), torch.float32, progress=False)
+        with torch.no_grad():
+            logits.append(model(tiny_ids()).logits)
+    assert torch.equal(logits[0], logits[1])
+    assert not torch.allclose(logits[0], logits[2])  # the other windows would have changed the model
+    with pytest.raises(ConfigError, match="sequential_samples"):
+        RocketConfig(sequential_samples=0)
+
+
 def test_auto_sequential_stays_off_below_its_threshold(calib_file, tmp_path):
     result = compress(make_tiny_model("llama"), make_tiny_tokenizer(), tiny_rocket_config(calib_file),
                       cache_dir=tmp_path / "cache", progress=False)
@@ -290,10 +311,10 @@ def test_config_and_cli_flags():
     from rocketlm.cli import _config_from_args, build_parser
     args = build_parser().parse_args(["compress", "m", "--ratio", "0.5", "--out", "x", "--sequential",
                                       "--upstream-correction", "--refine-iters", "3", "--cost", "fisher",
-                                      "--sensitivity-samples", "4"])
+                                      "--sensitivity-samples", "4", "--sequential-samples", "16"])
     config = _config_from_args(args)
     assert (config.sequential, config.upstream_correction, config.refine_iters, config.cost,
-            config.sensitivity_samples) == (True, True, 3, "fisher", 4)
+            config.sensitivity_samples, config.sequential_samples) == (True, True, 3, "fisher", 4, 16)
     args = build_parser().parse_args(["compress", "m", "--ratio", "0.5", "--out", "x", "--no-sequential"])
     assert _config_from_args(args).sequential is False
     args = build_parser().parse_args(["compress", "m", "--ratio", "0.5", "--out", "x"])

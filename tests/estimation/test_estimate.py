@@ -120,6 +120,23 @@ def test_estimate_models_the_sequential_pass(config_dir):
     assert "dense block copy" not in without_cross.stage("compression").memory
 
 
+def test_estimate_runs_the_sequential_pass_on_its_windows_only(config_dir):
+    def sequential(samples):
+        result = estimate(str(config_dir), _config(sequential=True, upstream_correction=True,
+                                                   sequential_samples=samples), EstimateOptions(repeats=1))
+        stage = result.stage("compression")
+        seconds = next(c.seconds for c in stage.components if c.name.startswith("sequential calibration"))
+        return seconds, stage.memory, stage.notes
+    all_six, memory6, notes6 = sequential(64)  # more than the 6 calibration windows: all of them
+    two, memory2, notes2 = sequential(2)
+    assert memory6["sequential hidden states"] == 2 * 6 * 32 * 64 * 4
+    assert memory2["sequential hidden states"] == 2 * 2 * 32 * 64 * 4  # two streams x 2 windows x seq x hidden x 4
+    assert memory2["dense inputs of one block"] == 2 * 32 * 4 * (3 * 64 + 128)
+    assert any("sequential pass on 2 windows" in n for n in notes2) and any("on 6 windows" in n for n in notes6)
+    # one batch of 2 windows per block instead of three: a third of the per-batch time, the per-block part unchanged
+    assert two < all_six
+
+
 def test_estimate_decides_the_default_sequential_pass_as_the_run_does(config_dir):
     def has_pass(config, nproc=1):
         result = estimate(str(config_dir), config, EstimateOptions(nproc=nproc, repeats=1))

@@ -20,7 +20,7 @@ _FIELDS = {"ratio": "removed_ratio", "cost": "cost", "budget_count": "budget_cou
            "calib_batch_size": "calib_batch_size", "seed": "seed", "profile_dtype": "profile_dtype",
            "device": "device", "save_dtype": "save_dtype", "calib": "calib_files", "calib_dataset": "calib_dataset",
            "ks_search": "ks_search", "sequential": "sequential", "upstream_correction": "upstream_correction",
-           "refine_iters": "refine_iters", "sensitivity_samples": "sensitivity_samples", "offload": "offload"}
+           "sequential_samples": "sequential_samples", "refine_iters": "refine_iters", "sensitivity_samples": "sensitivity_samples", "offload": "offload"}
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,6 +58,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upstream-correction", action=argparse.BooleanOptionalAction,
                    help="with --sequential: its dense stream and cross-Grams")
     p.add_argument("--sequential-damping", type=float, help=argparse.SUPPRESS)  # accepted as in compress, no cost effect
+    p.add_argument("--sequential-samples", type=int,
+                   help="with --sequential: calibration windows the sequential pass runs "
+                        f"[{RocketConfig().sequential_samples}]")
     # accepted as in compress, not modelled (the output says so when one is set)
     p.add_argument("--offload", help=argparse.SUPPRESS)
     p.add_argument("--overwrite", action="store_true", help=argparse.SUPPRESS)

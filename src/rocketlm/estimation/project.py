@@ -60,6 +60,11 @@ class RunShape:
     baseline_bytes: int = 0  # resident size of the process before any model is loaded
     tokens: int = 0  # calibration tokens (samples x seq_len)
     threads: int = 1  # intra-op threads of each process
+    sequential_samples: int = 0  # windows of the sequential pass (the first N of the calibration); 0 = all
+
+    @property
+    def sequential_windows(self) -> int:
+        return min(self.sequential_samples or self.samples, self.samples)
 
 
 def rank_batches(samples: int, batch_size: int, rank: int, nproc: int) -> list[int]:
@@ -243,9 +248,9 @@ def project_profiling(d: ModelDescription, probes: dict[tuple[int, int], LayerPr
 
 def sequential_components(d: ModelDescription, model: CalibrationModel, run: RunShape,
                           cross: bool) -> list[Component]:
-    """``--sequential``: every calibration batch through every block again, stopping at each Gram group's input
+    """``--sequential``: every batch of its windows (the first ``run.sequential_windows``) through every block again, stopping at each Gram group's input
     (with ``cross``, beside the dense model's stream and its cross-Grams), in one process."""
-    batches = rank_batches(run.samples, run.batch_size, 0, 1)
+    batches = rank_batches(run.sequential_windows, run.batch_size, 0, 1)
     seconds = d.n_blocks * (model.sequential_block() + sum(model.sequential(w) for w in batches))
     name = "sequential calibration (forwards to each group's input, Grams" + (
         ", dense stream and cross-Grams)" if cross else ")")
@@ -257,12 +262,13 @@ def sequential_memory(d: ModelDescription, run: RunShape, cross: bool) -> dict[s
     entering the current block (two streams with ``cross``), one group's Gram and cross-Gram, and with ``cross``
     a copy of the current block and its groups' dense inputs when they fit (see
     :meth:`ModelDescription.dense_inputs_bytes`)."""
-    hidden = run.tokens * d.hidden_size * d.dtype_bytes
+    tokens = run.sequential_windows * run.seq_len
+    hidden = tokens * d.hidden_size * d.dtype_bytes
     widest = max(d_in for _, d_in in d.groups().values())
     memory = {"sequential hidden states": hidden * (2 if cross else 1),
               "sequential Grams": 8 * widest * widest * (2 if cross else 1)}
     if cross:
-        stored = d.dense_inputs_bytes(run.tokens)
+        stored = d.dense_inputs_bytes(tokens)
         memory["dense block copy"] = d.block_params * d.dtype_bytes
         memory["dense inputs of one block"] = stored if stored <= DENSE_INPUTS_BYTES else 0
     return memory
@@ -292,7 +298,8 @@ def project_compression(d: ModelDescription, probes: dict[tuple[int, int], Layer
     if sequential is not None:
         slowest = sequential_components(d, sequential, run, cross) + slowest
         memory.update(sequential_memory(d, run, cross))
-        notes += ("sequential pass timed on the probe block with every Gram group staged, in one process",)
+        notes += (f"sequential pass on {run.sequential_windows} windows, timed on the probe block with every Gram "
+                  "group staged, in one process",)
     return StageEstimate("compression", sum(c.seconds for c in slowest), sum(memory.values()), tuple(slowest),
                          memory, notes)
 
