@@ -20,7 +20,8 @@ _FIELDS = {"ratio": "removed_ratio", "cost": "cost", "budget_count": "budget_cou
            "calib_batch_size": "calib_batch_size", "seed": "seed", "profile_dtype": "profile_dtype",
            "device": "device", "save_dtype": "save_dtype", "calib": "calib_files", "calib_dataset": "calib_dataset",
            "ks_search": "ks_search", "sequential": "sequential", "upstream_correction": "upstream_correction",
-           "sequential_samples": "sequential_samples", "refine_iters": "refine_iters", "sensitivity_samples": "sensitivity_samples", "offload": "offload"}
+           "sequential_samples": "sequential_samples", "refine_iters": "refine_iters",
+           "sensitivity_samples": "sensitivity_samples", "offload": "offload"}
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:

@@ -248,8 +248,9 @@ def project_profiling(d: ModelDescription, probes: dict[tuple[int, int], LayerPr
 
 def sequential_components(d: ModelDescription, model: CalibrationModel, run: RunShape,
                           cross: bool) -> list[Component]:
-    """``--sequential``: every batch of its windows (the first ``run.sequential_windows``) through every block again, stopping at each Gram group's input
-    (with ``cross``, beside the dense model's stream and its cross-Grams), in one process."""
+    """``--sequential``: every batch of its windows (the first ``run.sequential_windows``) through every block
+    again, stopping at each Gram group's input (with ``cross``, beside the dense model's stream and its
+    cross-Grams), in one process."""
     batches = rank_batches(run.sequential_windows, run.batch_size, 0, 1)
     seconds = d.n_blocks * (model.sequential_block() + sum(model.sequential(w) for w in batches))
     name = "sequential calibration (forwards to each group's input, Grams" + (
