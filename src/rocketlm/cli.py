@@ -237,7 +237,7 @@ def _print_summary(manifest: dict) -> None:
     if cfg.get("sequential"):
         print(f"sequential calibration: on (upstream correction {'on' if cfg.get('upstream_correction') else 'off'}, "
               f"damping {cfg.get('sequential_damping') or 0:g}, "
-              f"{min(cfg['sequential_samples'], cfg['calib_samples'])} of {cfg['calib_samples']} windows)")
+              f"{RocketConfig.from_dict(cfg).sequential_windows} of {cfg['calib_samples']} windows)")
     print(f"model.safetensors: {on_disk / 1e6:.1f} MB vs dense {dense / 1e6:.1f} MB ({100 * on_disk / dense:.1f}%)")
     for name, st in manifest.get("stages", {}).items():
         print(f"  {name:<12} {st['seconds']:8.1f} s   peak RSS {st['peak_rss_bytes'] / 2**30:.2f} GiB")

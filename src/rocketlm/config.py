@@ -198,6 +198,11 @@ class RocketConfig:
         for name in ("targets", "ignore", "calib_files"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
+    @property
+    def sequential_windows(self) -> int:
+        """Calibration windows the sequential pass runs: the first ``sequential_samples`` of them."""
+        return min(self.sequential_samples, self.calib_samples)
+
     def replace(self, **changes: Any) -> "RocketConfig":
         return dataclasses.replace(self, **changes)
 

@@ -147,7 +147,7 @@ def compress_with_refits(model, structure: DecoderStructure, allocation: Allocat
     n_blocks = 1 + max((b for b, names in enumerate(structure.targets) if by_name.keys() & set(names)), default=-1)
     try:
         with tqdm(total=n_blocks, desc="sequential compression (blocks)", disable=not progress) as bar:
-            for stage in iterate_sequential_grams(model, structure, windows[: config.sequential_samples],
+            for stage in iterate_sequential_grams(model, structure, windows[: config.sequential_windows],
                                                   config.calib_batch_size, by_name,
                                                   cross=config.upstream_correction, progress=bar):
                 gram, cross = damped_grams(stage.gram, stage.cross, config.sequential_damping)

@@ -127,7 +127,7 @@ def _run_shape(config: RocketConfig, options: EstimateOptions, baseline: int) ->
     return RunShape(samples=config.calib_samples, seq_len=config.calib_seq_len, batch_size=config.calib_batch_size,
                     nproc=options.nproc, link_bytes_per_s=options.link_gbps * 1e9, baseline_bytes=baseline,
                     tokens=config.calib_samples * config.calib_seq_len, threads=torch.get_num_threads(),
-                    sequential_samples=config.sequential_samples)
+                    sequential_windows=config.sequential_windows)
 
 
 def estimate(model: str, config: RocketConfig, options: EstimateOptions = EstimateOptions()) -> CostEstimate:
@@ -148,8 +148,7 @@ def _estimate(model: str, config: RocketConfig, options: EstimateOptions) -> Cos
     calibration = probe_calibration(probe, d, min(config.calib_batch_size, config.calib_samples),
                                     config.calib_seq_len, options.max_probe_tokens, options.repeats,
                                     sequential=config.sequential, cross=config.sequential and config.upstream_correction,
-                                    calib_tokens=min(config.sequential_samples, config.calib_samples)
-                                    * config.calib_seq_len)
+                                    calib_tokens=config.sequential_windows * config.calib_seq_len)
     prelude, run = _prelude(model, config, options, probe, d, run)
     del probe
     layer_probes, whiten = _probe_layers(d, config, options)

@@ -60,11 +60,7 @@ class RunShape:
     baseline_bytes: int = 0  # resident size of the process before any model is loaded
     tokens: int = 0  # calibration tokens (samples x seq_len)
     threads: int = 1  # intra-op threads of each process
-    sequential_samples: int = 0  # windows of the sequential pass (the first N of the calibration); 0 = all
-
-    @property
-    def sequential_windows(self) -> int:
-        return min(self.sequential_samples or self.samples, self.samples)
+    sequential_windows: int = 0  # windows of the sequential pass (RocketConfig.sequential_windows)
 
 
 def rank_batches(samples: int, batch_size: int, rank: int, nproc: int) -> list[int]:
