@@ -83,3 +83,4 @@ def stage(name: str, stats: dict[str, StageStats], interval_s: float = 0.05):
         if cuda:
             record.peak_cuda_bytes = max(record.peak_cuda_bytes or 0, torch.cuda.max_memory_allocated())
         log.info("stage %s: %.1f s, peak RSS %.2f GiB", name, record.seconds, record.peak_rss_bytes / 2**30)
+        release_free_heap()  # what the stage freed is not resident in the next one

@@ -238,6 +238,45 @@ def test_sequential_pass_runs_its_first_windows_only(calib_file, tmp_path):
         RocketConfig(sequential_samples=0)
 
 
+def test_the_pass_frees_what_it_has_replaced(calib_file, tmp_path, monkeypatch):
+    """While the pass runs, the dense layers it has replaced are freed, and the blocks it has left hold their
+    final (packed) modules, not the pass-time ones with a dense V: memory does not grow by a model per run."""
+    import gc
+    import weakref
+
+    import rocketlm.compression.sequential as sequential
+    base = compress(make_tiny_model("llama"), make_tiny_tokenizer(),
+                    tiny_rocket_config(calib_file, removed_ratio=0.5, sequential=False),
+                    cache_dir=tmp_path / "cache", progress=False)
+    model = make_tiny_model("llama")
+    structure = decoder_structure(model)
+    block_of = {name: b for b, names in enumerate(structure.targets) for name in names}
+    replaced: list[tuple[str, weakref.ref]] = []
+    checked = []
+    compress_layer = sequential._compress_layer
+
+    def watched(modules, name, *args):
+        gc.collect()
+        assert all(ref() is None for _, ref in replaced), [n for n, ref in replaced if ref() is not None]
+        for other, _ in replaced:
+            kind = type(model.get_submodule(other))
+            if block_of[other] < block_of[name]:
+                assert kind is SparseDictionaryLinear, other
+            else:
+                assert kind is sequential._PassLinear, other
+        replaced.append((name, weakref.ref(modules[name])))
+        checked.append(name)
+        return compress_layer(modules, name, *args)
+
+    monkeypatch.setattr(sequential, "_compress_layer", watched)
+    config = base.config.replace(sequential=True, upstream_correction=True, sequential_damping=0.1)
+    sequential.compress_with_refits(model, structure, base.allocation, None, _windows(n=4, seq=32), config,
+                                    torch.float32, progress=False)
+    assert len({block_of[name] for name in checked}) > 1 and len(checked) == sum(
+        not c.dense for c in base.allocation.choices)
+    assert all(type(model.get_submodule(name)) is SparseDictionaryLinear for name in checked)
+
+
 def test_auto_sequential_stays_off_below_its_threshold(calib_file, tmp_path):
     result = compress(make_tiny_model("llama"), make_tiny_tokenizer(), tiny_rocket_config(calib_file),
                       cache_dir=tmp_path / "cache", progress=False)

@@ -44,7 +44,7 @@ def apply_allocation(model, structure: DecoderStructure, allocation: Allocation,
     worst = {"profile_vs_shipped": 0.0, "profile_vs_direct": 0.0}
     with tqdm(total=len(by_name), desc=desc, disable=not progress) as bar:
         for name, S, _ in whitened_layers(structure, grams_store, by_name.__contains__, config.whitening_eps, device):
-            choice, linear = by_name[name], modules[name]
+            choice, linear = by_name[name], modules.pop(name)  # freed once replaced
             W = weight_matrix(linear)
             basis = layer_basis(W, S, importance_power=config.importance_power, dtype=dtype)
             fact = factorize_candidate(basis, choice.k, choice.s, ridge_rel=config.ridge_rel, with_factors=True)
@@ -54,7 +54,7 @@ def apply_allocation(model, structure: DecoderStructure, allocation: Allocation,
             e_w, e_o = direct_errors(W, S, module.U.double() @ module.dense_V().double())
             check_agreement(name, worst, choice, fact, e_w, e_o, refined)
             replace_module(model, name, module.to(device))
-            del W, S, fact, U, V, module
+            del W, S, fact, U, V, module, linear
             release_free_heap()
             bar.update(1)
     return worst

@@ -33,6 +33,7 @@ from rocketlm.factorization.refit import damped_grams, upstream_corrected_weight
 from rocketlm.factorization.sparse_dictionary import factorize_candidate, layer_basis, whitening_factor
 from rocketlm.factorization.whitening import weight_matrix
 from rocketlm.models.discovery import DecoderStructure
+from rocketlm.monitor import release_free_heap
 from rocketlm.preflight import check_processes
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class _PassLinear(torch.nn.Module):
 
 def _compress_layer(modules: dict, name: str, choice: LayerChoice, S: torch.Tensor, cross: torch.Tensor | None,
                     config: RocketConfig, value_dtype: torch.dtype) -> tuple[SparseDictionaryLinear, LayerRefit]:
-    linear = modules[name]
+    linear = modules.pop(name)  # the dense layer is freed once the compressed one replaces it in the model
     W = weight_matrix(linear)
     factors = refit_factors(W, S, cross, choice.k, choice.s, config)
     module = SparseDictionaryLinear.from_factors(factors.U, factors.V, factors.mask, choice.s, linear.bias,
@@ -144,22 +145,33 @@ def compress_with_refits(model, structure: DecoderStructure, allocation: Allocat
     by_name = {c.name: c for c in allocation.choices if not c.dense}
     records: list[LayerRefit] = []
     finals: dict[str, SparseDictionaryLinear] = {}
+    in_pass: dict[int, list[str]] = {}  # block -> its layers that run as a _PassLinear (a dense V each)
+
+    def finish_blocks(before: int) -> None:
+        """Swap the final modules into the blocks the pass has left (never run again): their dense Vs go."""
+        for b in [b for b in in_pass if b < before]:
+            for name in in_pass.pop(b):
+                replace_module(model, name, finals[name])
+        release_free_heap()
+
     n_blocks = 1 + max((b for b, names in enumerate(structure.targets) if by_name.keys() & set(names)), default=-1)
     try:
         with tqdm(total=n_blocks, desc="sequential compression (blocks)", disable=not progress) as bar:
             for stage in iterate_sequential_grams(model, structure, windows[: config.sequential_windows],
                                                   config.calib_batch_size, by_name,
                                                   cross=config.upstream_correction, progress=bar):
+                if any(b < stage.block for b in in_pass):
+                    finish_blocks(stage.block)
                 gram, cross = damped_grams(stage.gram, stage.cross, config.sequential_damping)
                 S = whitening_factor(gram, config.whitening_eps)
                 for name in stage.layers:
                     finals[name], record = _compress_layer(modules, name, by_name[name], S, cross, config,
                                                            value_dtype)
                     replace_module(model, name, _PassLinear(finals[name]))
+                    in_pass.setdefault(stage.block, []).append(name)
                     records.append(record)
     finally:  # the model never keeps a pass-time module
-        for name, module in finals.items():
-            replace_module(model, name, module)
+        finish_blocks(n_blocks)
     return summarize(records, config)
 
 
