@@ -72,7 +72,7 @@ def stage(name: str, stats: dict[str, StageStats], interval_s: float = 0.05):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    log.info("stage %s: started", name)
+    log.info("stage %s: started (RSS %.2f GiB)", name, peak[0] / 2**30)
     try:
         yield record
     finally:
