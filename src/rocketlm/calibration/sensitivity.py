@@ -125,13 +125,16 @@ class _Inputs:
 
     def put(self, b: int, hidden: list[torch.Tensor]) -> None:
         if self.spill_dir is None:
-            self.held[b] = [h.detach() for h in hidden]
+            # one allocation per block, not one per batch: a block's inputs live until the backward reaches it, and
+            # per-batch tensors (a few MB) would sit in the C heap between the forwards' temporaries, holding its
+            # freed pages resident (SmolLM2-135M, 16 x 1024 tokens: stage peak 3.42 -> 2.45 GiB, identical sums)
+            self.held[b] = torch.cat([h.detach() for h in hidden]).split([h.shape[0] for h in hidden])
         else:
             torch.save([h.detach().cpu() for h in hidden], self.spill_dir / f"sensitivity-inputs-{b:05d}.pt")
 
     def take(self, b: int, device: torch.device) -> list[torch.Tensor]:
         if self.spill_dir is None:
-            return self.held.pop(b)
+            return list(self.held.pop(b))
         path = self.spill_dir / f"sensitivity-inputs-{b:05d}.pt"
         hidden = [h.to(device) for h in torch.load(path)]
         path.unlink()
