@@ -139,6 +139,24 @@ def block_kwargs(model: nn.Module, structure: DecoderStructure, ids: torch.Tenso
     return per_block
 
 
+def held_in_one_buffer(hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every batch's hidden states as views of one buffer (see :func:`write_back`)."""
+    if not hidden or any(h.shape[1:] != hidden[0].shape[1:] or h.dtype != hidden[0].dtype for h in hidden):
+        return hidden
+    return list(torch.cat(hidden).split([h.shape[0] for h in hidden]))
+
+
+def write_back(hidden: list[torch.Tensor], i: int, output: torch.Tensor) -> None:
+    """Batch ``i``'s block output in place of its input, once the block has run on it. The hidden states of every
+    batch live through a whole pass over a block; held as one buffer (large: mmapped) instead of a tensor per batch
+    (a few MB each, in the C heap between the block's temporaries) the freed temporaries' pages do not stay
+    resident: calibration at 64 x 1024 tokens peaked at 1.40 GiB instead of 1.55, bit-identical Grams."""
+    if output.shape == hidden[i].shape and output.dtype == hidden[i].dtype:
+        hidden[i].copy_(output)
+    else:
+        hidden[i] = output
+
+
 @torch.no_grad()
 def iterate_block_grams(model: nn.Module, structure: DecoderStructure, windows: torch.Tensor,
                         batch_size: int, skip_blocks: set[int] = frozenset(),
@@ -151,7 +169,7 @@ def iterate_block_grams(model: nn.Module, structure: DecoderStructure, windows: 
     for ids in batches:
         if ids.shape not in kwargs_by_shape:
             kwargs_by_shape[ids.shape] = block_kwargs(model, structure, ids)
-    hidden = first_block_inputs(model, structure, batches)
+    hidden = held_in_one_buffer(first_block_inputs(model, structure, batches))
     modules = dict(model.named_modules())
     last_needed = max((b for b in range(len(structure.blocks)) if b not in skip_blocks), default=-1)
     for b, (_, block) in enumerate(structure.blocks[: last_needed + 1]):
@@ -159,7 +177,7 @@ def iterate_block_grams(model: nn.Module, structure: DecoderStructure, windows: 
         accumulator = GramAccumulator(targets) if (b not in skip_blocks and targets) else None
         try:
             for i, ids in enumerate(batches):
-                hidden[i] = _block_output(block(hidden[i], **kwargs_by_shape[ids.shape][b]))
+                write_back(hidden, i, _block_output(block(hidden[i], **kwargs_by_shape[ids.shape][b])))
                 if accumulator is not None:
                     accumulator.end_batch(ids.numel())
         finally:
