@@ -149,10 +149,12 @@ def compress_with_refits(model, structure: DecoderStructure, allocation: Allocat
 
     def finish_blocks(before: int) -> None:
         """Swap the final modules into the blocks the pass has left (never run again): their dense Vs go."""
-        for b in [b for b in in_pass if b < before]:
+        left = [b for b in in_pass if b < before]
+        for b in left:
             for name in in_pass.pop(b):
                 replace_module(model, name, finals[name])
-        release_free_heap()
+        if left:
+            release_free_heap()
 
     n_blocks = 1 + max((b for b, names in enumerate(structure.targets) if by_name.keys() & set(names)), default=-1)
     try:
@@ -160,8 +162,7 @@ def compress_with_refits(model, structure: DecoderStructure, allocation: Allocat
             for stage in iterate_sequential_grams(model, structure, windows[: config.sequential_windows],
                                                   config.calib_batch_size, by_name,
                                                   cross=config.upstream_correction, progress=bar):
-                if any(b < stage.block for b in in_pass):
-                    finish_blocks(stage.block)
+                finish_blocks(stage.block)
                 gram, cross = damped_grams(stage.gram, stage.cross, config.sequential_damping)
                 S = whitening_factor(gram, config.whitening_eps)
                 for name in stage.layers:
