@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from rocketlm.calibration.grams import CalibrationError, block_kwargs, iterate_block_grams
+from rocketlm.calibration.grams import CalibrationError, block_kwargs, copy_held, first_block_inputs, iterate_block_grams
 from rocketlm.models.discovery import decoder_structure
 
 
@@ -47,6 +47,27 @@ def test_blockwise_grams_equal_full_model_grams(tiny_arch):
         assert grams.group_of[f"{prefix}.mlp.down_proj"] != grams.group_of[f"{prefix}.mlp.gate_proj"]
         assert len(grams.grams) == 4
     assert seen == set(structure.all_targets)
+
+
+@pytest.mark.parametrize("sizes", [(2, 2, 1), (3,)])
+def test_first_block_inputs_are_views_of_one_buffer_equal_to_each_batchs_states(sizes):
+    model = make_tiny_model("llama")
+    structure = decoder_structure(model)
+    windows = _windows(n=sum(sizes))
+    batches = list(windows.split(list(sizes)))
+    hidden = first_block_inputs(model, structure, batches)
+    base = hidden[0].untyped_storage().data_ptr()
+    assert all(h.untyped_storage().data_ptr() == base for h in hidden)
+    for h, ids in zip(hidden, batches):
+        assert torch.equal(h, model.model.embed_tokens(ids))
+    copied = copy_held(hidden)
+    assert all(torch.equal(c, h) for c, h in zip(copied, hidden))
+    assert copied[0].untyped_storage().data_ptr() != base
+    assert len({c.untyped_storage().data_ptr() for c in copied}) == 1
+    # batches of different lengths: one tensor each, copies unaliased
+    ragged = first_block_inputs(model, structure, [windows[:2], windows[2:3, :10]])
+    assert [tuple(h.shape[:2]) for h in ragged] == [(2, 24), (1, 10)]
+    assert all(c.data_ptr() != h.data_ptr() and torch.equal(c, h) for c, h in zip(copy_held(ragged), ragged))
 
 
 def test_block_inputs_and_grams_never_run_the_head(tiny_arch):

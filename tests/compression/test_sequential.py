@@ -423,3 +423,23 @@ def test_sequential_calibration_refuses_a_non_finite_activation_of_either_stream
         for _ in iterate_sequential_grams(model, structure, _windows(), 2, structure.all_targets,
                                           cross=stream == "dense"):
             pass
+
+
+def test_dense_inputs_stay_exact_when_a_layer_reads_the_block_input_itself():
+    """The streams' block outputs are written over their inputs: a group whose layer reads the block's input
+    tensor itself (here: no input norm) must keep a copy of it, not a view the next write overwrites."""
+    model = make_tiny_model("llama")
+    for layer in model.model.layers:
+        layer.input_layernorm = torch.nn.Identity()
+    dense = copy.deepcopy(model)
+    structure = decoder_structure(model)
+    windows = _windows(n=5)  # batches of 2, 2 and 1 windows
+    recorded = {}
+    for stage in iterate_sequential_grams(model, structure, windows, 2, structure.all_targets, cross=True):
+        for name in stage.layers:
+            recorded[name] = (stage.gram, stage.cross)
+        _compress_stage(model, stage)
+    grams, cross = _input_grams(model, list(recorded), windows, other=dense)
+    for name in recorded:
+        assert torch.allclose(recorded[name][0], grams[name], rtol=1e-9, atol=1e-9), name
+        assert torch.allclose(recorded[name][1], cross[name], rtol=1e-9, atol=1e-9), name

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rocketlm.calibration.grams import add_gram_, block_kwargs, first_block_inputs, gram_work_dtype
+from rocketlm.calibration.grams import (add_gram_, block_kwargs, block_output, copy_held, first_block_inputs,
+                                        gram_work_dtype, write_back)
 from rocketlm.errors import CalibrationError
 from rocketlm.models.discovery import DecoderStructure
 
@@ -49,10 +50,6 @@ class StageGrams:
     gram: torch.Tensor
     cross: torch.Tensor | None
     tokens: int
-
-
-def _output(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _relative(block_name: str, name: str) -> str:
@@ -135,8 +132,9 @@ class _Streams:
             if ids.shape not in shapes:
                 shapes[ids.shape] = block_kwargs(model, structure, ids)
         self.kwargs = [shapes[ids.shape] for ids in self.batches]
+        # each stream's hidden states in one buffer, outputs written back in place (see held_in_one_buffer)
         self.compressed = first_block_inputs(model, structure, self.batches)
-        self.dense = [h.clone() for h in self.compressed] if cross else None
+        self.dense = copy_held(self.compressed) if cross else None
         self.max_stored_bytes = max_stored_bytes
         self.dense_inputs: dict[str, list[torch.Tensor]] | None = None
 
@@ -153,11 +151,19 @@ class _Streams:
         if dense_inputs_bytes(tokens, element, [m.weight.shape[1] for m in firsts.values()]) > self.max_stored_bytes:
             return
         self.dense_inputs = {name: [] for name in firsts}
-        handles = [m.register_forward_pre_hook(lambda mod, args, name=name: self.dense_inputs[name].append(args[0]))
+        entering = [None]
+
+        def keep(args, name):  # a layer reading the block's input itself keeps a copy: write_back overwrites it
+            x = args[0]
+            aliased = x.untyped_storage().data_ptr() == entering[0].untyped_storage().data_ptr()
+            self.dense_inputs[name].append(x.clone() if aliased else x)
+
+        handles = [m.register_forward_pre_hook(lambda mod, args, name=name: keep(args, name))
                    for name, m in firsts.items()]
         try:
             for i in range(len(self.batches)):
-                self.dense[i] = _output(dense_block(self.dense[i], **self.kwargs[i][b]))
+                entering[0] = self.dense[i]
+                write_back(self.dense, i, block_output(dense_block(self.dense[i], **self.kwargs[i][b])))
         finally:
             for handle in handles:
                 handle.remove()
@@ -198,9 +204,9 @@ class _Streams:
     def advance(self, b: int, block: nn.Module, dense_block: nn.Module | None) -> None:
         dense_done = self.dense_inputs is not None
         for i in range(len(self.batches)):
-            self.compressed[i] = _output(block(self.compressed[i], **self.kwargs[i][b]))
+            write_back(self.compressed, i, block_output(block(self.compressed[i], **self.kwargs[i][b])))
             if dense_block is not None and not dense_done:
-                self.dense[i] = _output(dense_block(self.dense[i], **self.kwargs[i][b]))
+                write_back(self.dense, i, block_output(dense_block(self.dense[i], **self.kwargs[i][b])))
         self.dense_inputs = None
 
 
