@@ -120,6 +120,17 @@ def test_estimate_models_the_sequential_pass(config_dir):
     assert "dense block copy" not in without_cross.stage("compression").memory
 
 
+@pytest.mark.parametrize("cap_widths,kept_widths", [(320, 320), (192, 192), (191, 128), (63, 0)])
+def test_estimate_counts_the_most_dense_inputs_a_block_can_keep(config_dir, monkeypatch, cap_widths, kept_widths):
+    """The pass keeps a block's dense inputs for the groups holding compressed layers when they fit under its cap:
+    a block where the allocation left some groups dense may keep the others although all four would not fit."""
+    import rocketlm.estimation.project as project
+    tokens_x_4 = 6 * 32 * 4  # group widths of the tiny config: q/k/v 64, o 64, gate/up 64, down 128
+    monkeypatch.setattr(project, "DENSE_INPUTS_BYTES", tokens_x_4 * cap_widths)
+    result = estimate(str(config_dir), _config(sequential=True, upstream_correction=True), EstimateOptions(repeats=1))
+    assert result.stage("compression").memory["dense inputs of one block"] == tokens_x_4 * kept_widths
+
+
 def test_estimate_runs_the_sequential_pass_on_its_windows_only(config_dir):
     def sequential(samples):
         result = estimate(str(config_dir), _config(sequential=True, upstream_correction=True,

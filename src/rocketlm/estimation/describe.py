@@ -9,6 +9,7 @@ calibration hooks.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,14 +66,31 @@ class ModelDescription:
         """Bytes of one block's float64 Grams."""
         return sum(8 * d * d for b, d in self.groups().values() if b == block)
 
+    def _block_group_widths(self) -> list[list[int]]:
+        widths: dict[int, list[int]] = {}
+        for block, d_in in self.groups().values():
+            widths.setdefault(block, []).append(d_in)
+        return list(widths.values())
+
     def dense_inputs_bytes(self, tokens: int) -> int:
         """The most bytes one block's dense inputs take in ``--sequential --upstream-correction`` for ``tokens``
         calibration tokens (:func:`rocketlm.calibration.sequential.dense_inputs_bytes` of the block's groups)."""
         from rocketlm.calibration.sequential import dense_inputs_bytes
-        widths: dict[int, list[int]] = {}
-        for block, d_in in self.groups().values():
-            widths.setdefault(block, []).append(d_in)
-        return max(dense_inputs_bytes(tokens, self.dtype_bytes, w) for w in widths.values())
+        return max(dense_inputs_bytes(tokens, self.dtype_bytes, w) for w in self._block_group_widths())
+
+    def kept_dense_inputs_bytes(self, tokens: int, max_stored_bytes: int) -> int:
+        """The most bytes of dense inputs the pass can keep for one block: it keeps those of the block's groups that
+        hold a compressed layer when they fit in ``max_stored_bytes``, so when all of a block's do not fit, a block
+        where the allocation left some groups dense may still keep the rest (the largest such subset counts)."""
+        from rocketlm.calibration.sequential import dense_inputs_bytes
+        kept = 0
+        for widths in self._block_group_widths():
+            for n in range(1, len(widths) + 1):
+                for subset in itertools.combinations(widths, n):
+                    size = dense_inputs_bytes(tokens, self.dtype_bytes, subset)
+                    if size <= max_stored_bytes:
+                        kept = max(kept, size)
+        return kept
 
     def shapes(self) -> list[tuple[int, int]]:
         """Distinct (d_in, d_out) of the target layers, in order of appearance."""

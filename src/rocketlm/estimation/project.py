@@ -257,17 +257,16 @@ def sequential_components(d: ModelDescription, model: CalibrationModel, run: Run
 def sequential_memory(d: ModelDescription, run: RunShape, cross: bool) -> dict[str, int]:
     """What the sequential pass holds beside the compression stage's work: the hidden states of every window
     entering the current block (two streams with ``cross``), one group's Gram and cross-Gram, and with ``cross``
-    a copy of the current block and its groups' dense inputs when they fit (see
-    :meth:`ModelDescription.dense_inputs_bytes`)."""
+    a copy of the current block and the most dense inputs it can keep for one block (see
+    :meth:`ModelDescription.kept_dense_inputs_bytes`)."""
     tokens = run.sequential_windows * run.seq_len
     hidden = tokens * d.hidden_size * d.dtype_bytes
     widest = max(d_in for _, d_in in d.groups().values())
     memory = {"sequential hidden states": hidden * (2 if cross else 1),
               "sequential Grams": 8 * widest * widest * (2 if cross else 1)}
     if cross:
-        stored = d.dense_inputs_bytes(tokens)
         memory["dense block copy"] = d.block_params * d.dtype_bytes
-        memory["dense inputs of one block"] = stored if stored <= DENSE_INPUTS_BYTES else 0
+        memory["dense inputs of one block"] = d.kept_dense_inputs_bytes(tokens, DENSE_INPUTS_BYTES)
     return memory
 
 
