@@ -9,7 +9,6 @@ calibration hooks.
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,11 +84,11 @@ class ModelDescription:
         from rocketlm.calibration.sequential import dense_inputs_bytes
         kept = 0
         for widths in self._block_group_widths():
-            for n in range(1, len(widths) + 1):
-                for subset in itertools.combinations(widths, n):
-                    size = dense_inputs_bytes(tokens, self.dtype_bytes, subset)
-                    if size <= max_stored_bytes:
-                        kept = max(kept, size)
+            sums = {0}  # summed widths of the subsets that fit (a subset sum: no enumeration of 2^groups subsets)
+            for width in widths:
+                sums |= {w + width for w in sums if dense_inputs_bytes(tokens, self.dtype_bytes, [w + width])
+                         <= max_stored_bytes}
+            kept = max(kept, dense_inputs_bytes(tokens, self.dtype_bytes, [max(sums)]))
         return kept
 
     def shapes(self) -> list[tuple[int, int]]:
