@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from rocketlm.calibration.grams import CalibrationError, block_kwargs, copy_held, first_block_inputs, iterate_block_grams
+from rocketlm.calibration.grams import (CalibrationError, block_kwargs, copy_held, first_block_inputs,
+                                       iterate_block_grams)
 from rocketlm.models.discovery import decoder_structure
 
 

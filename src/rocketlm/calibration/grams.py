@@ -171,8 +171,8 @@ def copy_held(hidden: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def write_back(hidden: list[torch.Tensor], i: int, output: torch.Tensor) -> None:
-    """Batch ``i``'s block output in place of its input (a view of :func:`held_in_one_buffer`'s buffer), once the
-    block has run on it."""
+    """Batch ``i``'s block output in place of its input (a view of the one buffer :func:`first_block_inputs` or
+    :func:`held_in_one_buffer` made), once the block has run on it."""
     if output.shape == hidden[i].shape and output.dtype == hidden[i].dtype:
         hidden[i].copy_(output)
     else:

@@ -151,18 +151,18 @@ class _Streams:
         if dense_inputs_bytes(tokens, element, [m.weight.shape[1] for m in firsts.values()]) > self.max_stored_bytes:
             return
         self.dense_inputs = {name: [] for name in firsts}
-        entering = [None]
+        entering = None  # the batch's input; a layer reading it itself keeps a copy: write_back overwrites it
 
-        def keep(args, name):  # a layer reading the block's input itself keeps a copy: write_back overwrites it
+        def keep(args, name):
             x = args[0]
-            aliased = x.untyped_storage().data_ptr() == entering[0].untyped_storage().data_ptr()
+            aliased = x.untyped_storage().data_ptr() == entering.untyped_storage().data_ptr()
             self.dense_inputs[name].append(x.clone() if aliased else x)
 
         handles = [m.register_forward_pre_hook(lambda mod, args, name=name: keep(args, name))
                    for name, m in firsts.items()]
         try:
             for i in range(len(self.batches)):
-                entering[0] = self.dense[i]
+                entering = self.dense[i]
                 write_back(self.dense, i, block_output(dense_block(self.dense[i], **self.kwargs[i][b])))
         finally:
             for handle in handles:
