@@ -160,3 +160,21 @@ def test_estimate_decides_the_default_sequential_pass_as_the_run_does(config_dir
 def test_estimate_refuses_the_sequential_pass_on_several_processes(config_dir):
     with pytest.raises(ConfigError, match="one process"):
         estimate(str(config_dir), _config(sequential=True), EstimateOptions(nproc=2, repeats=1))
+
+
+def test_fewest_compressed_layers_that_reach_the_budget(config_dir):
+    """The lower end of the compression stage's range: the largest layers, each at the grid's largest ratio."""
+    from rocketlm.estimation.describe import describe_model, read_config
+    from rocketlm.estimation.project import fewest_compressed
+
+    d, _ = describe_model(str(config_dir), read_config(str(config_dir)), (), (), None, "cpu")
+    sizes = {layer.name: layer.d_in * layer.d_out for layer in d.layers}
+    total = sum(sizes.values())
+    for ratio in (0.05, 0.2, 0.4, 0.6):
+        fewest = fewest_compressed(d, ratio, 0.7)
+        assert 0.7 * sum(sizes[n] for n in fewest) >= ratio * total  # reaches the budget
+        assert 0.7 * (sum(sizes[n] for n in fewest) - min(sizes[n] for n in fewest)) < ratio * total  # none spare
+        assert min(sizes[n] for n in fewest) >= max((s for n, s in sizes.items() if n not in fewest), default=0)
+    assert len(fewest_compressed(d, 0.8, 0.7)) == len(d.layers)  # beyond reach: every layer
+    notes = estimate(str(config_dir), _config(removed_ratio=0.2), EstimateOptions(repeats=1)).stage("compression").notes
+    assert any("the fewest that reach the budget" in note for note in notes)

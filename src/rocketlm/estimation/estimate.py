@@ -168,7 +168,7 @@ def _estimate(model: str, config: RocketConfig, options: EstimateOptions) -> Cos
               project_allocation(d, allocation, run, calibration, _sensitivity_windows(config)),
               project_compression(d, layer_probes, whiten, run, disk, config.removed_ratio, value_bytes,
                                   allocation, CalibrationModel(d, calibration, run.seq_len) if config.sequential
-                                  else None, config.upstream_correction)]
+                                  else None, config.upstream_correction, max(config.grid.removed_ratios))]
     dtypes = {d.dtype, "float64", config.profile_dtype, calibration.gram_dtype}
     rates = {dt: gemm_rate(dt, config.device).gflops for dt in dtypes}
     return CostEstimate(
