@@ -11,6 +11,7 @@ Speed ratios are only meaningful between models measured in the same process and
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import statistics
 import time
@@ -63,18 +64,25 @@ def time_prefill(model, tokens: int = 512, batch: int = 1, seed: int = 0) -> flo
     return time.perf_counter() - start
 
 
+def cache_argument(model) -> str:
+    """The name of the KV cache in ``model``'s forward and output: ``cache`` from transformers 5.x (which
+    deprecates ``past_key_values``, to be removed in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def time_decode(model, prompt_tokens: int = 128, new_tokens: int = 64, seed: int = 0) -> float:
     """Seconds of ``new_tokens`` greedy decode steps with the KV cache (the prompt forward excluded)."""
     device = next(model.parameters()).device
     ids = _tokens(model.config.vocab_size, 1, prompt_tokens, seed).to(device)
+    name = cache_argument(model)
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    past, token = out[name], out.logits[:, -1:].argmax(-1)
     _sync(device)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, use_cache=True, **{name: past})
+        past, token = out[name], out.logits[:, -1:].argmax(-1)
     _sync(device)
     return time.perf_counter() - start
 
