@@ -70,11 +70,16 @@ def profile_workers(requested: int, device: torch.device) -> int:
     return 2 if torch.device(device).type == "cpu" and torch.get_num_threads() >= 2 else 1
 
 
+def per_worker_threads(workers: int, total: int) -> int:
+    """Intra-op threads of each of ``workers`` concurrent layers sharing ``total``."""
+    return max(1, total // workers)
+
+
 @contextmanager
 def threads_per_worker(workers: int) -> Iterator[None]:
     """Share this process's intra-op threads among ``workers`` concurrent layers for the duration."""
     total = torch.get_num_threads()
-    torch.set_num_threads(max(1, total // workers))
+    torch.set_num_threads(per_worker_threads(workers, total))
     try:
         yield
     finally:
@@ -90,7 +95,13 @@ def concurrent_map(fn: Callable, items: Iterable[tuple], workers: int) -> Iterat
         for item in items:
             yield fn(*item)
         return
-    with threads_per_worker(workers), ThreadPoolExecutor(workers, thread_name_prefix="rocketlm-profile") as pool:
+    # each worker sets its own thread count before its first kernel. Without it the first layer a fresh worker
+    # thread took could round differently in the last bit from the same layer profiled again (MKL, 2 workers:
+    # 9 of 60 resumed runs changed an error by 1 ulp; 0 of 116 with it): a resumed run must reproduce the
+    # profiles of an uninterrupted one exactly (tests/distributed/test_dist_units.py)
+    per = per_worker_threads(workers, torch.get_num_threads())
+    with threads_per_worker(workers), ThreadPoolExecutor(workers, thread_name_prefix="rocketlm-profile",
+                                                         initializer=torch.set_num_threads, initargs=(per,)) as pool:
         pending: set[Future] = set()
         try:
             for item in items:
