@@ -8,10 +8,15 @@ search finds the best ks of one cost, so it profiles once per cost (``fisher`` w
 the best ks per (layer, removed ratio) and the allocations agree.
 ``--workers 1,2`` profiles once per count of layers profiled at once (``RocketConfig.profile_workers``; 0 =
 auto), in one process, and prints the ratio of their wall times and whether the allocations agree.
+``--wiggle-reach none,2`` does the same for the ks search's scan of rows whose errors are not unimodal in ks
+(``profiling.profile.KS_WIGGLE_REACH``: ``none`` scans the whole row, as before 2026-12-07), ``--rounds N`` repeats
+the list interleaved and reports medians.
 
     python bench/bench_profiling.py --calib-samples 64 --seq-len 512 \\
         --grid "removed=0.05:0.70:0.05;ks=1.0,1.5,2.0,2.5,3.0" --threads 2 --compare
     python bench/bench_profiling.py --threads 2 --ks-search exhaustive --workers 1,2
+    python bench/bench_profiling.py --calib-samples 256 --seq-len 1024 --grid "removed=0.05:0.70:0.05;ks=1.0:3.0:0.1" \
+        --threads 2 --costs output --wiggle-reach none,2 --rounds 2
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import argparse
 import collections
 import json
 import os
+import statistics
 import tempfile
 import time
 
@@ -30,6 +36,7 @@ from rocketlm.calibration.run import calibration_windows, run_calibration
 from rocketlm.calibration.store import GramStore
 from rocketlm.models.discovery import decoder_structure
 from rocketlm.pipeline import default_cache_dir, run_keys, targets_fingerprint
+from rocketlm.profiling import profile as profile_module
 from rocketlm.profiling.run import profile_workers, run_profiling
 from rocketlm.profiling.store import ProfileStore
 
@@ -105,6 +112,11 @@ def main() -> None:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workers", default="0", help="comma list of layers profiled at once (0 = auto) [0]")
+    p.add_argument("--wiggle-reach", default=None,
+                   help="comma list of the ks search's scan reach in lookaheads where a row is not unimodal "
+                        "('none': the whole row) [the library's]")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of the --workers x --wiggle-reach "
+                                                        "list; medians reported [1]")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,16 +133,28 @@ def main() -> None:
     print(f"calibration (0 s if cached): {time.perf_counter() - start:.1f} s")
     ratios = [float(r) for r in args.ratios.split(",")]
     costs = args.costs.split(",")
-    walls, found, best = {}, None, None
-    for workers in (int(w) for w in args.workers.split(",")):
-        run = config.replace(profile_workers=workers)
-        walls[workers], best_ks, got = profile_and_allocate(model, structure, grams, run, value_dtype, args.save,
-                                                            ratios, costs)
-        if found is not None:
-            differ = sum(a != b for key in got for a, b in zip(got[key], found[key]))
-            print(f"--workers {workers}: {walls[next(iter(walls))] / walls[workers]:.2f}x the first count's speed; "
-                  + ("identical allocations" if not differ else f"{differ} layer choices differ"))
-        found, best = found or got, best or best_ks
+    reaches = ([None if r == "none" else int(r) for r in args.wiggle_reach.split(",")] if args.wiggle_reach
+               else [profile_module.KS_WIGGLE_REACH])
+    variants = [(int(w), r) for w in args.workers.split(",") for r in reaches]
+    walls, found, best = {v: [] for v in variants}, None, None
+    for _ in range(args.rounds):
+        for workers, reach in variants:
+            profile_module.KS_WIGGLE_REACH = reach
+            run = config.replace(profile_workers=workers)
+            wall, best_ks, got = profile_and_allocate(model, structure, grams, run, value_dtype, args.save,
+                                                      ratios, costs)
+            walls[(workers, reach)].append(wall)
+            if found is not None:
+                differ = sum(a != b for key in got for a, b in zip(got[key], found[key]))
+                print(f"--workers {workers}, wiggle reach {reach}: "
+                      + ("identical allocations to the first" if not differ else f"{differ} layer choices differ"))
+            found, best = found or got, best or best_ks
+    walls = {v: statistics.median(w) for v, w in walls.items()}
+    if len(walls) > 1:
+        first = walls[variants[0]]
+        for (workers, reach), wall in walls.items():
+            print(f"--workers {workers}, wiggle reach {reach}: median {wall:.1f} s over {args.rounds} round(s), "
+                  f"{first / wall:.2f}x the first's speed")
     if args.compare:
         full = config.replace(ks_search="exhaustive")
         save = args.save and args.save.removesuffix(".jsonl") + ".exhaustive.jsonl"

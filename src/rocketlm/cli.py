@@ -51,7 +51,8 @@ def _compress_parser(sub) -> None:
     p.add_argument("--profile-dtype", choices=("float32", "float64"), help="dtype of the per-candidate algebra")
     p.add_argument("--ks-search", choices=KS_SEARCHES,
                    help="auto: per (layer, removed ratio) profile only the ks a descent visits for the run's cost (the "
-                        "best ks are exact where the error is unimodal in ks, scanned where not); exhaustive: every "
+                        "best ks are exact where the error is unimodal in ks; where not, the ks around its minima are "
+                        "scanned); exhaustive: every "
                         f"candidate of the grid (always under --budget-count flops) (default {d.ks_search})")
     p.add_argument("--profile-workers", type=int,
                    help="layers profiled at once in this process, sharing its threads (default: 2 on a CPU with "

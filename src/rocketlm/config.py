@@ -110,12 +110,13 @@ class RocketConfig:
     importance_power: float = 0.5  # importance = |C_ij| * ||S^-1 q_i||^power (reference compression step)
     profile_dtype: str = "float32"  # dtype of the per-candidate algebra (whitening and SVD are always float64)
     ks_search: str = "auto"  # "auto": per (layer, removed ratio) only the candidates a descent over ks visits for
-    # the run's cost (fisher: the output error's best ks; the best ks is exact where the error is unimodal in ks,
-    # the row is scanned where it is not); "exhaustive": every candidate of the grid (what `rocketlm study`, which
-    # compares costs on one profile, and a flops budget, whose Pareto fronts need every candidate, always use).
-    # On SmolLM2-135M's full grid the search visits 69% of the candidates for the output error (78% for the weight
-    # error), takes 0.67x the exhaustive profiling time and finds the exhaustive best ks on 2940 of 2940 (layer,
-    # removed ratio) for output and 2939 for weight, identical allocations (bench/bench_profiling.py --compare);
+    # the run's cost (fisher: the output error's best ks; the best ks is exact where the error is unimodal in ks;
+    # where it is not, the ks around its minima are scanned); "exhaustive": every candidate of the grid (what
+    # `rocketlm study`, which compares costs on one profile, and a flops budget, whose Pareto fronts need every
+    # candidate, always use). On SmolLM2-135M's full grid the search visits 53% of the candidates for the output
+    # error (55% for the weight error), takes about 0.6x the exhaustive profiling time and finds the exhaustive best
+    # ks on 2939 of 2940 (layer, removed ratio) for output and 2940 for weight, identical allocations
+    # (bench/bench_profiling.py --compare);
     # searching all three profiling-time costs at once visited 88% and was slower than the scan.
     profile_workers: int = 0  # layers profiled at once in one process (threads sharing its intra-op threads);
     # 0 = auto: 2 on a CPU with >= 2 threads (0.78x the time on SmolLM2, 2 cores), 1 on other devices and

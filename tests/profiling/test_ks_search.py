@@ -1,4 +1,5 @@
-"""The ks search of profiling: equals the full scan where the error is unimodal in ks, scans where not."""
+"""The ks search of profiling: equals the full scan where the error is unimodal in ks, scans around its minima (or the
+whole row) where not."""
 import math
 
 import pytest
@@ -92,6 +93,26 @@ def test_search_lookahead_steps_over_a_wiggle_and_the_wiggle_triggers_the_scan()
     found, _ = _search(rows, table, lookahead=2)
     assert _best(found, "error_weight") == {0.1: 1.6}
     assert len(found) == len(weights)  # it saw the wiggle (not unimodal): the row was scanned
+
+
+def test_a_wiggle_with_a_reach_evaluates_around_the_minimum_and_descends_on_from_its_best():
+    # one cost, descent from the middle (index 10) with a lookahead of 2: it steps over the wiggle at 8 and stops
+    # at 7, having seen 9 < 8 > 7 (not unimodal); a lower valley at 3, 4 steps from 7, and a far one at 20
+    values = [4.0, 3.9, 3.8, 3.5, 4.4, 4.3, 4.2, 4.0, 5.5, 5.0, 6.0, 6.5] + [7.0] * 8 + [0.5]
+    rows, table = _rows({0.1: (values, values)})
+
+    def search(reach):
+        calls = []
+        found = search_ks(rows, lambda shape: calls.append(shape) or table[shape], [lambda c: c.error_weight], 2,
+                          reach=reach)
+        return _best(found, "error_weight")[0.1], sorted(round((shape[1] - 1.0) * 10) for shape in calls)
+
+    best, seen = search(None)
+    assert best == 3.0 and seen == list(range(len(values)))  # the whole row
+    best, seen = search(2)  # 7 +- 4: 3..11; the descent on from 3 looks 2 further left, and stops there
+    assert best == 1.3 and seen == list(range(1, 12))
+    best, seen = search(1)  # 7 +- 2: nothing new below 4.0
+    assert best == 1.7 and seen == list(range(5, 11))
 
 
 def test_descend_and_unimodal_helpers():
