@@ -178,3 +178,32 @@ def test_fewest_compressed_layers_that_reach_the_budget(config_dir):
     assert len(fewest_compressed(d, 0.8, 0.7)) == len(d.layers)  # beyond reach: every layer
     notes = estimate(str(config_dir), _config(removed_ratio=0.2), EstimateOptions(repeats=1)).stage("compression").notes
     assert any("the fewest that reach the budget" in note for note in notes)
+
+
+@pytest.mark.parametrize("clock, copies", [("wall", 3), ("cpu", 1)])
+def test_profile_probe_runs_the_stage_s_layers_at_once(monkeypatch, clock, copies):
+    """Under the wall clock profile_layer is timed with ``concurrent`` copies running at once, each on the caller's
+    thread count (the profiling stage's workers share the caches); the CPU clock times one copy alone."""
+    import threading
+
+    import torch
+
+    from rocketlm.estimation import probe_layers
+    from rocketlm.estimation.timing import using_clock
+
+    calls, threads, real = [], [], probe_layers.profile_layer
+    together = threading.Barrier(copies, timeout=30)  # broken unless ``copies`` calls run at the same time
+
+    def counting(*args, **kwargs):
+        together.wait()
+        calls.append(threading.get_ident())
+        threads.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe_layers, "profile_layer", counting)
+    settings = probe_layers.LayerSettings(GridConfig.parse(GRID), 0.3, concurrent=3)
+    with using_clock(clock):
+        seconds, count, _ = probe_layers._profile_once(24, 16, settings, repeats=1, device="cpu")
+    assert seconds > 0 and count > 0
+    assert len(calls) == 2 * copies  # a warm-up and one timed call, each of ``copies`` profile_layer calls
+    assert len(set(calls)) == copies and set(threads) == {torch.get_num_threads()}

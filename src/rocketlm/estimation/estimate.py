@@ -97,11 +97,11 @@ def _value_dtype(config: RocketConfig, d: ModelDescription) -> str:
     return config.save_dtype or d.dtype
 
 
-def _probe_layers(d: ModelDescription, config: RocketConfig, options: EstimateOptions
+def _probe_layers(d: ModelDescription, config: RocketConfig, options: EstimateOptions, concurrent: int = 1
                   ) -> tuple[dict[tuple[int, int], LayerProbe], dict[int, float]]:
     settings = LayerSettings(config.grid, config.removed_ratio, config.ridge_rel, config.importance_power,
                              config.profile_dtype, _value_dtype(config, d),
-                             *run_ks_search(config), config.refine_iters)
+                             *run_ks_search(config), config.refine_iters, concurrent)
     probes = {shape: probe_layer(*shape, settings, options.max_probe_dim, options.probe_seconds,
                                  repeats=options.repeats, device=config.device)
               for shape in d.shapes()}
@@ -155,7 +155,7 @@ def _estimate(model: str, config: RocketConfig, options: EstimateOptions) -> Cos
     workers = _profile_workers(config)
     if workers > 1:  # profiling runs several layers at once, each on its share of the threads: time it so
         with threads_per_worker(workers):
-            profile_probes, profile_whiten = _probe_layers(d, config, options)
+            profile_probes, profile_whiten = _probe_layers(d, config, options, concurrent=workers)
     else:
         profile_probes, profile_whiten = layer_probes, whiten
     value_bytes = torch.empty((), dtype=getattr(torch, _value_dtype(config, d))).element_size()

@@ -55,6 +55,11 @@ def using_clock(name: str):
         _clock[0] = previous
 
 
+def wall_clock() -> bool:
+    """Whether the probes are timed in wall seconds (the default) rather than CPU seconds."""
+    return _clock[0] is time.perf_counter
+
+
 def timed(fn: Callable[[], object], device: torch.device | str | None = None) -> float:
     """Seconds of one call of ``fn`` (device work included) on the current clock."""
     _sync(device)
