@@ -97,6 +97,20 @@ def profile_and_allocate(model, structure, grams, config, value_dtype, save, rat
     return wall, best, found
 
 
+def reach_list(text: str) -> list[int | None]:
+    """``--wiggle-reach``: comma list of positive integers or ``none``."""
+    items = [r.strip() for r in text.split(",")]
+    if not all(r == "none" or (r.isdigit() and int(r) >= 1) for r in items):
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers or 'none', e.g. none,2")
+    return [None if r == "none" else int(r) for r in items]
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return int(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--calib-samples", type=int, default=64)
@@ -112,10 +126,10 @@ def main() -> None:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workers", default="0", help="comma list of layers profiled at once (0 = auto) [0]")
-    p.add_argument("--wiggle-reach", default=None,
+    p.add_argument("--wiggle-reach", type=reach_list, default=None,
                    help="comma list of the ks search's scan reach in lookaheads where a row is not unimodal "
                         "('none': the whole row) [the library's]")
-    p.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of the --workers x --wiggle-reach "
+    p.add_argument("--rounds", type=positive_int, default=1, help="interleaved repetitions of the --workers x --wiggle-reach "
                                                         "list; medians reported [1]")
     args = p.parse_args()
     if args.threads:
@@ -133,8 +147,7 @@ def main() -> None:
     print(f"calibration (0 s if cached): {time.perf_counter() - start:.1f} s")
     ratios = [float(r) for r in args.ratios.split(",")]
     costs = args.costs.split(",")
-    reaches = ([None if r == "none" else int(r) for r in args.wiggle_reach.split(",")] if args.wiggle_reach
-               else [profile_module.KS_WIGGLE_REACH])
+    reaches = args.wiggle_reach or [profile_module.KS_WIGGLE_REACH]
     variants = [(int(w), r) for w in args.workers.split(",") for r in reaches]
     walls, found, best = {v: [] for v in variants}, None, None
     for _ in range(args.rounds):
