@@ -207,3 +207,21 @@ def test_profile_probe_runs_the_stage_s_layers_at_once(monkeypatch, clock, copie
     assert seconds > 0 and count > 0
     assert len(calls) == 2 * copies  # a warm-up and one timed call, each of ``copies`` profile_layer calls
     assert len(set(calls)) == copies and set(threads) == {torch.get_num_threads()}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_compression_step_is_timed_once_per_shape(config_dir, monkeypatch, workers):
+    """With several profiling workers the layer shapes are probed a second time, with the stage's copies at once,
+    for the profiling projection only: the compression step is timed in the first pass alone."""
+    from rocketlm.estimation import probe_layers
+
+    compress_calls, real = [], probe_layers._compress_one
+    monkeypatch.setattr(probe_layers, "_compress_one", lambda *a, **k: compress_calls.append(a[1].shape) or real(*a, **k))
+    profiled, real_profile = [], probe_layers.profile_layer
+    monkeypatch.setattr(probe_layers, "profile_layer", lambda *a, **k: profiled.append(1) or real_profile(*a, **k))
+    result = estimate(str(config_dir), _config(profile_workers=workers), EstimateOptions(repeats=1))
+    _check(result)
+    shapes = len(result.layer_probes)
+    assert shapes == 4 and all(p["compress_s"] > 0 for p in result.layer_probes)
+    assert len(compress_calls) == 2 * shapes  # a warm-up and one timed call per shape, never in the second pass
+    assert len(profiled) >= 2 * shapes * (1 + workers if workers > 1 else 1)  # the second pass did run
