@@ -1,9 +1,10 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from rocketlm.factorization.sparse_dictionary import (_selected_T, candidate_shape, direct_errors,
+from rocketlm.factorization.sparse_dictionary import (_ROW_ALIGN, _selected_T, candidate_shape, direct_errors,
                                                       factorize_candidate, factorize_next, kept_bytes, kept_values,
                                                       layer_basis, whitening_factor)
 
@@ -205,6 +206,23 @@ def test_incremental_candidates_equal_the_direct_computation(shape, dtype, tol):
             ref = factorize_candidate(exact, k, s)
             assert fact.error_weight == pytest.approx(ref.error_weight, abs=tol)
             assert fact.error_output == pytest.approx(ref.error_output, abs=tol)
+            if state is not None:  # C^T held exactly, in rows that start aligned (views of wider buffers)
+                assert torch.equal(state.CT, basis.Bt[:, :k] * _selected_T(basis, k, s))
+                assert state.CT.stride() == (state.CT.stride(0), 1) and state.CT.stride(0) % _ROW_ALIGN == 0
+
+
+def test_changed_entries_sort_into_csr_order_as_their_keys_do():
+    from rocketlm.factorization.sparse_dictionary import _by_atom
+    gen = torch.Generator().manual_seed(3)
+    d_out, k = 300, 120
+    # as _delta_entries lists them: atoms that changed, then atoms new to the dictionary, each group by column
+    kept = torch.rand(d_out, k, generator=gen) < 0.05
+    groups = [kept[:, :80].nonzero(), kept[:, 80:].nonzero() + torch.tensor([0, 80])]
+    cols = torch.cat([g[:, 0] for g in groups])
+    atoms = torch.cat([g[:, 1] for g in groups])
+    expected = torch.from_numpy(np.argsort((atoms * d_out + cols).numpy()))
+    assert torch.equal(_by_atom(atoms, k), expected)
+    assert torch.equal(_by_atom(atoms, 1 << 16), expected)  # beyond 16-bit atoms: torch's stable sort
 
 
 def test_float32_errors_stay_within_1e4_of_float64_even_when_small():

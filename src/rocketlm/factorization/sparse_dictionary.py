@@ -263,8 +263,9 @@ def factorize_candidate(basis: LayerBasis, k: int, s: int, ridge_rel: float = 0.
 class ProductState:
     """The products of the candidate last evaluated along a sequence (for profiling: one ks over increasing
     removed ratios): ``k``, ``s``, the selection thresholds ``thr`` (d_out x 1, see :func:`_thresholds`), ``CT``
-    (``C^T``, d_out x k), ``P = B_rot C^T`` (r x k) and ``G0 = C C^T`` (k x k), all in the profile dtype (the
-    sparse updates are a few percent of the products, so their rounding stays below the first candidate's)."""
+    (``C^T``, d_out x k, a view with aligned rows: :func:`_aligned_CT`), ``P = B_rot C^T`` (r x k) and
+    ``G0 = C C^T`` (k x k), all in the profile dtype (the sparse updates are a few percent of the products, so
+    their rounding stays below the first candidate's)."""
 
     k: int
     s: int
@@ -278,6 +279,19 @@ class ProductState:
 # this share of C: sparse products cost several times a dense GEMM per multiply-add on CPU. Along one ks,
 # consecutive removed ratios (step 0.05) change 1-2% of the entries on SmolLM2.
 _INCREMENTAL_MAX_SHARE = 0.1
+
+# Row stride, in elements, of the incremental products' ``C^T`` (its rows start on 64-byte boundaries in float32).
+# The sparse x dense product of a step reads rows of ``C^T`` at random; when ``C^T`` does not fit the cache and
+# its rows straddle cache lines it runs 2.5x slower (MKL, 1 thread, a 2048 x 8192 layer at k = 1774: 400 ms with
+# rows of 1774 values, 160 ms with a stride of 1776; no difference while ``C^T`` fits the cache, as on SmolLM2).
+_ROW_ALIGN = 16
+
+
+def _aligned_CT(d_out: int, k: int, like: torch.Tensor) -> torch.Tensor:
+    """A ``d_out x k`` view (uninitialised) of a new buffer whose rows are :data:`_ROW_ALIGN`-aligned."""
+    width = -(-k // _ROW_ALIGN) * _ROW_ALIGN
+    return like.new_empty(d_out, width)[:, :k]
+
 
 # the incremental products build CSR tensors; a filter set once, not warnings.catch_warnings per call, which
 # is not thread-safe (layers are profiled on several threads: rocketlm.profiling.run.concurrent_map)
@@ -299,7 +313,7 @@ def factorize_next(basis: LayerBasis, k: int, s: int, state: ProductState | None
     thr = _thresholds(basis, k, s) if state is None else _thresholds_near(basis, state, k, s)
     delta = None if state is None else _delta_entries(basis, state, k, thr)
     if delta is None or delta[0].numel() > _INCREMENTAL_MAX_SHARE * k * thr.shape[0]:
-        CT = basis.Bt[:, :k] * (basis.position[:, :k] <= thr)
+        CT = torch.mul(basis.Bt[:, :k], basis.position[:, :k] <= thr, out=_aligned_CT(thr.shape[0], k, basis.Bt))
         state = ProductState(k, s, thr, CT, *_products(basis.B_rotT, CT))
     else:
         state = _step_products(basis, state, k, s, thr, delta)
@@ -348,16 +362,17 @@ def _step_products(basis: LayerBasis, state: ProductState, k: int, s: int, thr: 
     atoms, cols, signs = delta
     d_out, k_old = state.CT.shape
     if k <= k_old:
-        CT, P, G0 = state.CT[:, :k].contiguous(), state.P[:, :k], state.G0[:k, :k]
+        CT, P, G0 = state.CT[:, :k], state.P[:, :k], state.G0[:k, :k]  # views (rows stay aligned)
     else:
-        CT = torch.cat([state.CT, state.CT.new_zeros(d_out, k - k_old)], dim=1)
+        CT = _aligned_CT(d_out, k, state.CT)
+        CT[:, :k_old] = state.CT
+        CT[:, k_old:] = 0
         P = torch.cat([state.P, state.P.new_zeros(state.P.shape[0], k - k_old)], dim=1)
         G0 = state.G0.new_zeros(k, k)
         G0[:k_old, :k_old] = state.G0
-    keys = (atoms * d_out + cols).cpu().numpy()  # unique: sorting them puts the CSR rows (atoms) in order
-    by_atom = torch.from_numpy(np.argsort(keys)).to(atoms.device)
-    atoms, cols = atoms[by_atom], cols[by_atom]
-    values = signs[by_atom].to(CT.dtype) * basis.Bt[cols, atoms]
+    values = signs.to(CT.dtype) * basis.Bt[cols, atoms]  # gathered in the entries' column order: 10x faster
+    by_atom = _by_atom(atoms, k)
+    atoms, cols, values = atoms[by_atom], cols[by_atom], values[by_atom]
     crow = torch.zeros(k + 1, dtype=torch.long, device=CT.device)
     crow[1:] = torch.bincount(atoms, minlength=k).cumsum(0)
     D = torch.sparse_csr_tensor(crow, cols, values, (k, d_out), check_invariants=False)  # Delta, k x d_out
@@ -367,6 +382,16 @@ def _step_products(basis: LayerBasis, state: ProductState, k: int, s: int, thr: 
     CT.index_put_((cols, atoms), half, accumulate=True)  # C_new
     P.T.add_(torch.sparse.mm(D, basis.B_rotT))
     return ProductState(k, s, thr, CT, P, G0.add_(X).add_(X.T))
+
+
+def _by_atom(atoms: torch.Tensor, k: int) -> torch.Tensor:
+    """The permutation that puts the changed entries in CSR order: by atom, and within an atom in their column
+    order, which :func:`_delta_entries` produces ascending (the order that sorting ``atom * d_out + column`` gave,
+    so the products are bit-identical). On CPU a stable radix sort of 16-bit atom indices (numpy): 37 ms -> about
+    4 ms per step on a 2048 x 8192 layer, where the entries number 350k."""
+    if atoms.device.type == "cpu" and k <= np.iinfo(np.int16).max:
+        return torch.from_numpy(np.argsort(atoms.numpy().astype(np.int16), kind="stable"))
+    return torch.sort(atoms, stable=True).indices
 
 
 def _thresholds_near(basis: LayerBasis, state: ProductState, k: int, s: int) -> torch.Tensor:
