@@ -10,13 +10,17 @@ the best ks per (layer, removed ratio) and the allocations agree.
 auto), in one process, and prints the ratio of their wall times and whether the allocations agree.
 ``--wiggle-reach none,2`` does the same for the ks search's scan of rows whose errors are not unimodal in ks
 (``profiling.profile.KS_WIGGLE_REACH``: ``none`` scans the whole row, as before 2026-12-07), ``--rounds N`` repeats
-the list interleaved and reports medians.
+the list interleaved and reports medians. ``--borrow no,yes`` does the same for a ks the search reaches without
+products of its own (``profiling.profile.KS_BORROW_STATES``: ``no`` computes them dense, as before 2026-12-07;
+``yes`` starts from a copy of the held products nearest in k).
 
     python bench/bench_profiling.py --calib-samples 64 --seq-len 512 \\
         --grid "removed=0.05:0.70:0.05;ks=1.0,1.5,2.0,2.5,3.0" --threads 2 --compare
     python bench/bench_profiling.py --threads 2 --ks-search exhaustive --workers 1,2
     python bench/bench_profiling.py --calib-samples 256 --seq-len 1024 --grid "removed=0.05:0.70:0.05;ks=1.0:3.0:0.1" \
         --threads 2 --costs output --wiggle-reach none,2 --rounds 2
+    python bench/bench_profiling.py --calib-samples 256 --seq-len 1024 --grid "removed=0.05:0.70:0.05;ks=1.0:3.0:0.1" \
+        --threads 2 --costs output --borrow no,yes --rounds 2 --compare
 """
 from __future__ import annotations
 
@@ -105,6 +109,14 @@ def reach_list(text: str) -> list[int | None]:
     return [None if r == "none" else int(r) for r in items]
 
 
+def yes_no_list(text: str) -> list[bool]:
+    """``--borrow``: comma list of ``yes`` / ``no``."""
+    items = [v.strip() for v in text.split(",")]
+    if not items or not all(v in ("yes", "no") for v in items):
+        raise argparse.ArgumentTypeError(f"{text!r}: give yes and/or no, e.g. no,yes")
+    return [v == "yes" for v in items]
+
+
 def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
@@ -129,8 +141,11 @@ def main() -> None:
     p.add_argument("--wiggle-reach", type=reach_list, default=None,
                    help="comma list of the ks search's scan reach in lookaheads where a row is not unimodal "
                         "('none': the whole row) [the library's]")
-    p.add_argument("--rounds", type=positive_int, default=1, help="interleaved repetitions of the --workers x --wiggle-reach "
-                                                        "list; medians reported [1]")
+    p.add_argument("--borrow", type=yes_no_list, default=None,
+                   help="comma list: whether a ks new to the search starts from another ks's products (yes) or "
+                        "dense ones (no) [the library's]")
+    p.add_argument("--rounds", type=positive_int, default=1, help="interleaved repetitions of the --workers x "
+                                                                  "--wiggle-reach x --borrow list; medians reported [1]")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,26 +163,30 @@ def main() -> None:
     ratios = [float(r) for r in args.ratios.split(",")]
     costs = args.costs.split(",")
     reaches = args.wiggle_reach or [profile_module.KS_WIGGLE_REACH]
-    variants = [(int(w), r) for w in args.workers.split(",") for r in reaches]
+    borrows = args.borrow or [profile_module.KS_BORROW_STATES]
+    variants = [(int(w), r, b) for w in args.workers.split(",") for r in reaches for b in borrows]
     walls, found, best = {v: [] for v in variants}, None, None
     for _ in range(args.rounds):
-        for workers, reach in variants:
-            profile_module.KS_WIGGLE_REACH = reach
+        for workers, reach, borrow in variants:
+            profile_module.KS_WIGGLE_REACH, profile_module.KS_BORROW_STATES = reach, borrow
             run = config.replace(profile_workers=workers)
             wall, best_ks, got = profile_and_allocate(model, structure, grams, run, value_dtype, args.save,
                                                       ratios, costs)
-            walls[(workers, reach)].append(wall)
+            walls[(workers, reach, borrow)].append(wall)
+            label = f"--workers {workers}, wiggle reach {reach}, borrow {'yes' if borrow else 'no'}"
             if found is not None:
                 differ = sum(a != b for key in got for a, b in zip(got[key], found[key]))
-                print(f"--workers {workers}, wiggle reach {reach}: "
-                      + ("identical allocations to the first" if not differ else f"{differ} layer choices differ"))
+                moved = sum(best_ks.get(key) != ks for key, ks in best.items())
+                print(f"{label}: " + ("identical allocations to the first" if not differ
+                                      else f"{differ} layer choices differ")
+                      + f"; best ks differs from the first's in {moved} of {len(best)}")
             found, best = found or got, best or best_ks
     walls = {v: statistics.median(w) for v, w in walls.items()}
     if len(walls) > 1:
         first = walls[variants[0]]
-        for (workers, reach), wall in walls.items():
-            print(f"--workers {workers}, wiggle reach {reach}: median {wall:.1f} s over {args.rounds} round(s), "
-                  f"{first / wall:.2f}x the first's speed")
+        for (workers, reach, borrow), wall in walls.items():
+            print(f"--workers {workers}, wiggle reach {reach}, borrow {'yes' if borrow else 'no'}: median {wall:.1f} s "
+                  f"over {args.rounds} round(s), {first / wall:.2f}x the first's speed")
     if args.compare:
         full = config.replace(ks_search="exhaustive")
         save = args.save and args.save.removesuffix(".jsonl") + ".exhaustive.jsonl"

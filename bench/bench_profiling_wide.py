@@ -1,13 +1,14 @@
-"""Profiling one wide synthetic layer with the incremental products' ``C^T`` rows aligned and not (prints figures;
-not a test).
+"""Profiling one wide synthetic layer with the incremental products' ``C^T`` rows aligned and not, and with the ks
+search's borrowed products and without (prints figures; not a test).
 
 :func:`profile_layer` on a synthetic ``d_in x d_out`` layer (the estimate's inputs: :func:`synthetic_gram`,
 :func:`synthetic_weight`), once per ``--row-align`` value per round, interleaved in one process;
-``--row-align 1`` lays ``C^T`` out as before (rows of ``k`` values back to back). Prints each round's CPU
+``--row-align 1`` lays ``C^T`` out as before (rows of ``k`` values back to back); ``--borrow no`` computes a ks new
+to the search with dense products, as before (``profiling.profile.KS_BORROW_STATES``). Prints each round's CPU
 seconds (with one thread: the time on an idle machine), the medians and their ratio, and whether every
 candidate's errors are bit-identical across the settings.
 
-    OMP_NUM_THREADS=1 python bench/bench_profiling_wide.py --shape 2048x8192 --rounds 2
+    OMP_NUM_THREADS=1 python bench/bench_profiling_wide.py --shape 2048x8192 --row-align 1,16 --borrow no,yes
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 import torch
 
 import rocketlm.factorization.sparse_dictionary as sparse_dictionary
+import rocketlm.profiling.profile as profile_module
 from rocketlm.config import GridConfig
 from rocketlm.estimation.probe_layers import synthetic_gram, synthetic_weight
 from rocketlm.profiling.profile import profile_layer
@@ -43,6 +45,13 @@ def aligns(text: str) -> list[int]:
     return values
 
 
+def yes_no(text: str) -> list[bool]:
+    items = [v.strip() for v in text.split(",")]
+    if not all(v in ("yes", "no") for v in items):
+        raise argparse.ArgumentTypeError(f"{text!r}: give yes and/or no, e.g. no,yes")
+    return [v == "yes" for v in items]
+
+
 def positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give a positive integer")
@@ -55,6 +64,7 @@ def main() -> None:
     parser.add_argument("--grid", default="removed=0.25:0.45:0.05;ks=1.0:3.0:0.1",
                         help="candidate grid [a slice of the default grid's removed ratios, its every ks]")
     parser.add_argument("--row-align", type=aligns, default=[1, 16], help="row strides compared [1,16]")
+    parser.add_argument("--borrow", type=yes_no, default=[True], help="ks search borrowing products [yes]")
     parser.add_argument("--rounds", type=positive, default=2)
     parser.add_argument("--ks-search", choices=["auto", "exhaustive"], default="auto")
     args = parser.parse_args()
@@ -63,24 +73,27 @@ def main() -> None:
     S = sparse_dictionary.whitening_factor(synthetic_gram(d_in))
     W = synthetic_weight(d_in, d_out)
     print(f"layer {d_in}x{d_out}, grid {args.grid}, ks search {args.ks_search}, {torch.get_num_threads()} thread(s)")
-    seconds: dict[int, list[float]] = {a: [] for a in args.row_align}
-    errors: dict[int, dict] = {}
+    variants = [(a, b) for a in args.row_align for b in args.borrow]
+    name = {v: f"row stride multiple of {v[0]}, borrow {'yes' if v[1] else 'no'}" for v in variants}
+    seconds: dict[tuple, list[float]] = {v: [] for v in variants}
+    errors: dict[tuple, dict] = {}
     for r in range(args.rounds):
-        for align in args.row_align if r % 2 == 0 else args.row_align[::-1]:
-            sparse_dictionary._ROW_ALIGN = align
+        for variant in variants if r % 2 == 0 else variants[::-1]:
+            sparse_dictionary._ROW_ALIGN, profile_module.KS_BORROW_STATES = variant
             start = time.process_time()
             profile = profile_layer("bench", W, S, grid, group="g", value_bytes=4, ridge_rel=0.0, importance_power=0.5,
                                     dtype=torch.float32, ks_search=args.ks_search, search_costs=["output"])
-            seconds[align].append(time.process_time() - start)
-            errors[align] = {(c.k, c.s): (c.error_weight, c.error_output) for c in profile.candidates}
-            print(f"round {r + 1}, row stride multiple of {align}: {seconds[align][-1]:.2f} s CPU "
+            seconds[variant].append(time.process_time() - start)
+            errors[variant] = {(c.k, c.s): (c.error_weight, c.error_output) for c in profile.candidates}
+            print(f"round {r + 1}, {name[variant]}: {seconds[variant][-1]:.2f} s CPU "
                   f"({len(profile.candidates)} candidates)", flush=True)
-    medians = {a: statistics.median(v) for a, v in seconds.items()}
-    base = args.row_align[0]
-    for align, median in medians.items():
-        print(f"row stride multiple of {align}: median {median:.2f} s CPU ({medians[base] / median:.2f}x against {base})")
-    same = all(errors[a] == errors[base] for a in errors)
-    print("errors bit-identical across the settings:", same)
+    medians = {v: statistics.median(t) for v, t in seconds.items()}
+    base = variants[0]
+    for variant, median in medians.items():
+        shared = errors[variant].keys() & errors[base].keys()
+        gap = max((abs(a - b) for key in shared for a, b in zip(errors[variant][key], errors[base][key])), default=0.0)
+        print(f"{name[variant]}: median {median:.2f} s CPU ({medians[base] / median:.2f}x against the first); "
+              f"{len(shared)} of {len(errors[variant])} candidates shared with the first, errors within {gap:.2g}")
 
 
 if __name__ == "__main__":

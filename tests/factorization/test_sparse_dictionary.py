@@ -254,3 +254,18 @@ def test_thresholds_found_near_the_previous_ones_equal_the_direct_ones():
         s1, s2 = int(torch.randint(1, k1, (1,), generator=gen)), int(torch.randint(1, k2, (1,), generator=gen))
         _, state = factorize_next(basis, k1, s1, None)
         assert torch.equal(_thresholds_near(basis, state, k2, s2), _thresholds(basis, k2, s2)), (k1, s1, k2, s2)
+
+
+def test_sparse_updates_chain_at_most_max_sparse_steps_then_go_dense():
+    from rocketlm.factorization.sparse_dictionary import MAX_SPARSE_STEPS
+    W, A = _layer(96, 192, seed=14)
+    basis = layer_basis(W, whitening_factor(A), dtype=torch.float32)
+    exact = layer_basis(W, whitening_factor(A), dtype=torch.float64)
+    state, steps = None, []
+    for removed in np.linspace(0.05, 0.55, 41):  # small steps: each one incremental unless the chain is capped
+        k, s = candidate_shape(96, 192, float(removed), 2.0)
+        fact, state = factorize_next(basis, k, s, state)
+        steps.append(state.steps)
+        ref = factorize_candidate(exact, k, s)
+        assert fact.error_output == pytest.approx(ref.error_output, abs=2e-5)
+    assert max(steps) == MAX_SPARSE_STEPS and steps[MAX_SPARSE_STEPS + 1] == 0  # dense again after the cap

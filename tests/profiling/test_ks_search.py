@@ -227,3 +227,29 @@ def test_profiles_searched_for_one_cost_refuse_another_cost_and_the_flops_budget
     old = searched.to_json()
     del old["search_costs"]
     assert LayerProfile.from_json(old).serves("weight") and LayerProfile.from_json(old).serves("blend")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_a_ks_new_to_the_search_starts_from_held_products_with_the_same_errors(monkeypatch, dtype, tol):
+    """The search reaches a ks without products of its own from a copy of another ks's (fewer dense products);
+    the candidates and their errors are those of dense products, and the copied-from state is left intact."""
+    from rocketlm.factorization import sparse_dictionary
+    from rocketlm.profiling import profile as profile_module
+
+    grid = GridConfig.parse("removed=0.05:0.70:0.05;ks=1.0:3.0:0.1")
+    W, S = _layer(64, 160)
+    dense, real = [], sparse_dictionary._products
+    monkeypatch.setattr(sparse_dictionary, "_products", lambda *a: dense.append(1) or real(*a))
+    runs = {}
+    for borrow in (False, True):
+        monkeypatch.setattr(profile_module, "KS_BORROW_STATES", borrow)
+        dense.clear()
+        profile = profile_layer("l", W, S, grid, group="g", value_bytes=2, ridge_rel=0.0, importance_power=0.5,
+                                dtype=dtype, ks_search="auto", search_costs=["output"])
+        runs[borrow] = ({(c.removed_ratio, c.ks): (c.error_weight, c.error_output) for c in profile.candidates},
+                        len(dense), layer_options(profile, "output"))
+    (plain, plain_dense, plain_best), (borrowed, borrowed_dense, borrowed_best) = runs[False], runs[True]
+    assert borrowed_dense < plain_dense  # 11 against 19 on this layer
+    assert borrowed.keys() == plain.keys() and [c.ks for c in borrowed_best] == [c.ks for c in plain_best]
+    for key, errors in borrowed.items():
+        assert errors == pytest.approx(plain[key], abs=tol), key

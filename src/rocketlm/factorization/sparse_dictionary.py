@@ -273,12 +273,24 @@ class ProductState:
     CT: torch.Tensor
     P: torch.Tensor
     G0: torch.Tensor
+    steps: int = 0  # sparse updates since the products were last computed dense
+
+    def copy(self) -> "ProductState":
+        """An independent copy (:func:`factorize_next` consumes the state it is given)."""
+        CT = _aligned_CT(*self.CT.shape, self.CT)
+        CT.copy_(self.CT)
+        return ProductState(self.k, self.s, self.thr, CT, self.P.clone(), self.G0.clone(), self.steps)
 
 
 # A candidate is reached incrementally from the previous one when the entries of C that change are at most
 # this share of C: sparse products cost several times a dense GEMM per multiply-add on CPU. Along one ks,
 # consecutive removed ratios (step 0.05) change 1-2% of the entries on SmolLM2.
 _INCREMENTAL_MAX_SHARE = 0.1
+
+# Sparse updates in a row before the products are computed dense again: each adds its rounding, and a profile along
+# one ks of the default grid (14 removed ratios) makes 13; reaching a candidate from another ks's products (the ks
+# search, :mod:`rocketlm.profiling.profile`) would otherwise chain them without end.
+MAX_SPARSE_STEPS = 13
 
 # Row stride, in elements, of the incremental products' ``C^T`` (its rows start on 64-byte boundaries in float32).
 # The sparse x dense product of a step reads rows of ``C^T`` at random; when ``C^T`` does not fit the cache and
@@ -312,7 +324,8 @@ def factorize_next(basis: LayerBasis, k: int, s: int, state: ProductState | None
         return factorize_candidate(basis, k, s), state
     thr = _thresholds(basis, k, s) if state is None else _thresholds_near(basis, state, k, s)
     delta = None if state is None else _delta_entries(basis, state, k, thr)
-    if delta is None or delta[0].numel() > _INCREMENTAL_MAX_SHARE * k * thr.shape[0]:
+    if (delta is None or delta[0].numel() > _INCREMENTAL_MAX_SHARE * k * thr.shape[0]
+            or state.steps >= MAX_SPARSE_STEPS):
         CT = torch.mul(basis.Bt[:, :k], basis.position[:, :k] <= thr, out=_aligned_CT(thr.shape[0], k, basis.Bt))
         state = ProductState(k, s, thr, CT, *_products(basis.B_rotT, CT))
     else:
@@ -381,7 +394,7 @@ def _step_products(basis: LayerBasis, state: ProductState, k: int, s: int, thr: 
     X = torch.sparse.mm(D, CT)
     CT.index_put_((cols, atoms), half, accumulate=True)  # C_new
     P.T.add_(torch.sparse.mm(D, basis.B_rotT))
-    return ProductState(k, s, thr, CT, P, G0.add_(X).add_(X.T))
+    return ProductState(k, s, thr, CT, P, G0.add_(X).add_(X.T), state.steps + 1)
 
 
 def _by_atom(atoms: torch.Tensor, k: int) -> torch.Tensor:

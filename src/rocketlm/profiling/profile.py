@@ -35,6 +35,10 @@ KS_LOOKAHEAD_MIN_STEPS = 2
 # found are evaluated, and the descent goes on from the best of them; earlier the whole row was. On SmolLM2-135M's
 # full grid the wiggles sent 86 of 196 rows (blocks 3 and 20, output error) to a whole-row scan.
 KS_WIGGLE_REACH = 2
+# A ks the search reaches without products of its own starts from a copy of the held products nearest in k
+# (:class:`ProductState`, updated sparsely) instead of dense ones, which cost the most on wide layers (a third of
+# a 2048 x 8192 layer's profile). False: dense, as before 2026-12-07.
+KS_BORROW_STATES = True
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,8 @@ def profile_layer(name: str, W: torch.Tensor, S: torch.Tensor, grid: GridConfig,
     profile = LayerProfile(name=name, d_in=d_in, d_out=d_out, dense_values=d_in * d_out,
                            dense_bytes=d_in * d_out * value_bytes, group=group, candidates=[], ks_search=ks_search,
                            search_costs=None if ks_search == "exhaustive" else search_costs)
-    evaluate = _evaluator(basis, d_in, d_out, value_bytes, ridge_rel)
+    evaluate = _evaluator(basis, d_in, d_out, value_bytes, ridge_rel,
+                          borrow=ks_search != "exhaustive" and KS_BORROW_STATES)
     shapes = valid_shapes(d_in, d_out, grid)
     if ks_search == "exhaustive":
         by_ks = {shape: evaluate(shape) for ks in grid.ks for shape in shapes if shape[1] == ks}
@@ -152,17 +157,24 @@ def profile_layer(name: str, W: torch.Tensor, S: torch.Tensor, grid: GridConfig,
     return profile
 
 
-def _evaluator(basis, d_in: int, d_out: int, value_bytes: int, ridge_rel: float) -> Callable[[tuple], Candidate]:
+def _evaluator(basis, d_in: int, d_out: int, value_bytes: int, ridge_rel: float,
+               borrow: bool = False) -> Callable[[tuple], Candidate]:
     """``(removed, ks, k, s) -> Candidate``, keeping one :class:`ProductState` per ks (the last removed ratio
     evaluated there) and the errors of every ``(k, s)`` already factored. States unused for two removed
-    ratios are dropped (memory)."""
+    ratios are dropped (memory). With ``borrow``, a ks without a state starts from a copy of the held state
+    nearest in ``k`` (the most recent on a tie) instead of dense products: the ks search visits ks in no fixed
+    order."""
     errors: dict[tuple[int, int], tuple[float, float]] = {}
     states: dict[float, tuple[float, ProductState | None]] = {}
 
     def evaluate(shape: tuple[float, float, int, int]) -> Candidate:
         removed, ks, k, s = shape
         if (k, s) not in errors:
-            fact, state = factorize_next(basis, k, s, states.get(ks, (None, None))[1], ridge_rel)
+            state = states.get(ks, (None, None))[1]
+            if state is None and borrow:  # a ks new to the search starts from the held products nearest in k
+                held = [(abs(st.k - k), -r, st) for r, st in states.values() if st is not None]
+                state = min(held, key=lambda h: h[:2])[2].copy() if held else None
+            fact, state = factorize_next(basis, k, s, state, ridge_rel)
             states[ks] = (removed, state)
             for other in [o for o, (r, _) in states.items() if r < removed - 0.15]:
                 del states[other]
