@@ -400,8 +400,8 @@ def _step_products(basis: LayerBasis, state: ProductState, k: int, s: int, thr: 
 def _by_atom(atoms: torch.Tensor, k: int) -> torch.Tensor:
     """The permutation that puts the changed entries in CSR order: by atom, and within an atom in their column
     order, which :func:`_delta_entries` produces ascending (the order that sorting ``atom * d_out + column`` gave,
-    so the products are bit-identical). On CPU a stable radix sort of 16-bit atom indices (numpy): 37 ms -> about
-    4 ms per step on a 2048 x 8192 layer, where the entries number 350k."""
+    so the products are bit-identical). On CPU a stable radix sort of 16-bit atom indices (numpy): 28 ms -> 5.5 ms
+    for the 350k entries of a step on a 2048 x 8192 layer."""
     if atoms.device.type == "cpu" and k <= np.iinfo(np.int16).max:
         return torch.from_numpy(np.argsort(atoms.numpy().astype(np.int16), kind="stable"))
     return torch.sort(atoms, stable=True).indices
