@@ -112,7 +112,7 @@ def reach_list(text: str) -> list[int | None]:
 def yes_no_list(text: str) -> list[bool]:
     """``--borrow``: comma list of ``yes`` / ``no``."""
     items = [v.strip() for v in text.split(",")]
-    if not items or not all(v in ("yes", "no") for v in items):
+    if not all(v in ("yes", "no") for v in items):
         raise argparse.ArgumentTypeError(f"{text!r}: give yes and/or no, e.g. no,yes")
     return [v == "yes" for v in items]
 

@@ -2,11 +2,11 @@
 search's borrowed products and without (prints figures; not a test).
 
 :func:`profile_layer` on a synthetic ``d_in x d_out`` layer (the estimate's inputs: :func:`synthetic_gram`,
-:func:`synthetic_weight`), once per ``--row-align`` value per round, interleaved in one process;
+:func:`synthetic_weight`), once per ``--row-align`` x ``--borrow`` variant per round, interleaved in one process;
 ``--row-align 1`` lays ``C^T`` out as before (rows of ``k`` values back to back); ``--borrow no`` computes a ks new
 to the search with dense products, as before (``profiling.profile.KS_BORROW_STATES``). Prints each round's CPU
-seconds (with one thread: the time on an idle machine), the medians and their ratio, and whether every
-candidate's errors are bit-identical across the settings.
+seconds (with one thread: the time on an idle machine), the medians and their ratios to the first variant's, and
+how many candidates each variant shares with the first and the largest difference of their errors.
 
     OMP_NUM_THREADS=1 python bench/bench_profiling_wide.py --shape 2048x8192 --row-align 1,16 --borrow no,yes
 """
@@ -23,6 +23,8 @@ import rocketlm.profiling.profile as profile_module
 from rocketlm.config import GridConfig
 from rocketlm.estimation.probe_layers import synthetic_gram, synthetic_weight
 from rocketlm.profiling.profile import profile_layer
+
+from bench_profiling import positive_int, yes_no_list  # the same option types (bench/ is the script's path)
 
 
 def shape(text: str) -> tuple[int, int]:
@@ -45,27 +47,14 @@ def aligns(text: str) -> list[int]:
     return values
 
 
-def yes_no(text: str) -> list[bool]:
-    items = [v.strip() for v in text.split(",")]
-    if not all(v in ("yes", "no") for v in items):
-        raise argparse.ArgumentTypeError(f"{text!r}: give yes and/or no, e.g. no,yes")
-    return [v == "yes" for v in items]
-
-
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive integer")
-    return int(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=shape, default=(2048, 8192), help="D_INxD_OUT [2048x8192: Llama-3.2-1B's MLP]")
     parser.add_argument("--grid", default="removed=0.25:0.45:0.05;ks=1.0:3.0:0.1",
                         help="candidate grid [a slice of the default grid's removed ratios, its every ks]")
     parser.add_argument("--row-align", type=aligns, default=[1, 16], help="row strides compared [1,16]")
-    parser.add_argument("--borrow", type=yes_no, default=[True], help="ks search borrowing products [yes]")
-    parser.add_argument("--rounds", type=positive, default=2)
+    parser.add_argument("--borrow", type=yes_no_list, default=[True], help="ks search borrowing products [yes]")
+    parser.add_argument("--rounds", type=positive_int, default=2)
     parser.add_argument("--ks-search", choices=["auto", "exhaustive"], default="auto")
     args = parser.parse_args()
     grid = GridConfig.parse(args.grid)
