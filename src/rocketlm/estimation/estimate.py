@@ -102,9 +102,8 @@ def _probe_layers(d: ModelDescription, config: RocketConfig, options: EstimateOp
     settings = LayerSettings(config.grid, config.removed_ratio, config.ridge_rel, config.importance_power,
                              config.profile_dtype, _value_dtype(config, d),
                              *run_ks_search(config), config.refine_iters, concurrent)
-    # the concurrent probes project only the profiling stage: the compression step is timed by the others
     probes = {shape: probe_layer(*shape, settings, options.max_probe_dim, options.probe_seconds,
-                                 repeats=options.repeats, device=config.device, compression=concurrent <= 1)
+                                 repeats=options.repeats, device=config.device)
               for shape in d.shapes()}
     tokens = config.calib_samples * config.calib_seq_len
     widths = sorted({d_in for _, d_in in d.groups().values()})

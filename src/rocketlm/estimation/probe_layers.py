@@ -185,17 +185,17 @@ def _compress_shape(p_in: int, p_out: int, grid: GridConfig, ratio: float) -> tu
 
 
 def probe_layer(d_in: int, d_out: int, settings: LayerSettings, max_dim: int = 4096, budget_s: float = 30.0,
-                repeats: int = 3, device: str | torch.device = "cpu", compression: bool = True) -> LayerProbe:
-    """Time the profiling and compression kernels of a ``d_in x d_out`` layer (see the module doc).
-    ``compression=False`` leaves the compression step untimed (``compress_s`` 0): for the probes that only
-    project the profiling stage."""
+                repeats: int = 3, device: str | torch.device = "cpu") -> LayerProbe:
+    """Time the profiling and compression kernels of a ``d_in x d_out`` layer (see the module doc). Probes of
+    ``settings.concurrent > 1`` copies project only the profiling stage: they leave the compression step untimed
+    (``compress_s`` 0), which the one-copy probes time."""
     (p_in, p_out), profile_s, count, (W, S) = choose_probe(d_in, d_out, settings, max_dim, budget_s, repeats, device)
     f3 = time_scale(d_in, d_out, p_in, p_out)
     dtype = getattr(torch, settings.profile_dtype)
     basis_of = lambda w: layer_basis(w, S, importance_power=settings.importance_power, dtype=dtype)  # noqa: E731
     basis_s = measure(lambda: basis_of(W), repeats, device)
     compress_s, chosen = 0.0, _compress_shape(p_in, p_out, settings.grid, settings.removed_ratio)
-    if chosen is not None and compression:
+    if chosen is not None and settings.concurrent <= 1:
         basis, value_dtype = basis_of(W), getattr(torch, settings.value_dtype)
         compress_s = measure(lambda: _compress_one(basis, W, S, *chosen, settings.ridge_rel, value_dtype,
                                                    settings.refine_iters), repeats, device)
