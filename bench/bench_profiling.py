@@ -12,7 +12,9 @@ auto), in one process, and prints the ratio of their wall times and whether the 
 (``profiling.profile.KS_WIGGLE_REACH``: ``none`` scans the whole row, as before 2026-12-07), ``--rounds N`` repeats
 the list interleaved and reports medians. ``--borrow no,yes`` does the same for a ks the search reaches without
 products of its own (``profiling.profile.KS_BORROW_STATES``: ``no`` computes them dense, as before 2026-12-07;
-``yes`` starts from a copy of the held products nearest in k).
+``yes`` starts from a copy of the held products nearest in k). ``--compiled-steps no,yes`` does the same for the
+thresholds and changed entries of a sparse step (``factorization.sparse_dictionary.COMPILED_STEPS``: ``no`` takes
+torch's vectorised path, as before 2026-12-07; ``yes`` the compiled loop of ``factorization.step_kernel``).
 
     python bench/bench_profiling.py --calib-samples 64 --seq-len 512 \\
         --grid "removed=0.05:0.70:0.05;ks=1.0,1.5,2.0,2.5,3.0" --threads 2 --compare
@@ -21,6 +23,8 @@ products of its own (``profiling.profile.KS_BORROW_STATES``: ``no`` computes the
         --threads 2 --costs output --wiggle-reach none,2 --rounds 2
     python bench/bench_profiling.py --calib-samples 256 --seq-len 1024 --grid "removed=0.05:0.70:0.05;ks=1.0:3.0:0.1" \
         --threads 2 --costs output --borrow no,yes --rounds 2 --compare
+    python bench/bench_profiling.py --calib-samples 256 --seq-len 1024 --grid "removed=0.05:0.70:0.05;ks=1.0:3.0:0.1" \
+        --threads 2 --costs output --compiled-steps no,yes --rounds 2
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from rocketlm import GridConfig, RocketConfig, load_model
 from rocketlm.allocation.plan import allocate, layer_options
 from rocketlm.calibration.run import calibration_windows, run_calibration
 from rocketlm.calibration.store import GramStore
+from rocketlm.factorization import sparse_dictionary
 from rocketlm.models.discovery import decoder_structure
 from rocketlm.pipeline import default_cache_dir, run_keys, targets_fingerprint
 from rocketlm.profiling import profile as profile_module
@@ -117,6 +122,12 @@ def yes_no_list(text: str) -> list[bool]:
     return [v == "yes" for v in items]
 
 
+def variant_label(variant: tuple) -> str:
+    workers, reach, borrow, compiled = variant
+    return (f"--workers {workers}, wiggle reach {reach}, borrow {'yes' if borrow else 'no'}, "
+            f"compiled steps {'yes' if compiled else 'no'}")
+
+
 def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
@@ -144,8 +155,12 @@ def main() -> None:
     p.add_argument("--borrow", type=yes_no_list, default=None,
                    help="comma list: whether a ks new to the search starts from another ks's products (yes) or "
                         "dense ones (no) [the library's]")
+    p.add_argument("--compiled-steps", type=yes_no_list, default=None,
+                   help="comma list: whether a sparse step's thresholds and changed entries come from the compiled "
+                        "loop (yes) or torch's vectorised path (no) [the library's]")
     p.add_argument("--rounds", type=positive_int, default=1, help="interleaved repetitions of the --workers x "
-                                                                  "--wiggle-reach x --borrow list; medians reported [1]")
+                                                                  "--wiggle-reach x --borrow x --compiled-steps list; "
+                                                                  "medians reported [1]")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,16 +179,18 @@ def main() -> None:
     costs = args.costs.split(",")
     reaches = args.wiggle_reach or [profile_module.KS_WIGGLE_REACH]
     borrows = args.borrow or [profile_module.KS_BORROW_STATES]
-    variants = [(int(w), r, b) for w in args.workers.split(",") for r in reaches for b in borrows]
+    compiled = args.compiled_steps or [sparse_dictionary.COMPILED_STEPS]
+    variants = [(int(w), r, b, c) for w in args.workers.split(",") for r in reaches for b in borrows for c in compiled]
     walls, found, best = {v: [] for v in variants}, None, None
     for _ in range(args.rounds):
-        for workers, reach, borrow in variants:
+        for variant in variants:
+            workers, reach, borrow, sparse_dictionary.COMPILED_STEPS = variant
             profile_module.KS_WIGGLE_REACH, profile_module.KS_BORROW_STATES = reach, borrow
             run = config.replace(profile_workers=workers)
             wall, best_ks, got = profile_and_allocate(model, structure, grams, run, value_dtype, args.save,
                                                       ratios, costs)
-            walls[(workers, reach, borrow)].append(wall)
-            label = f"--workers {workers}, wiggle reach {reach}, borrow {'yes' if borrow else 'no'}"
+            walls[variant].append(wall)
+            label = variant_label(variant)
             if found is not None:
                 differ = sum(a != b for key in got for a, b in zip(got[key], found[key]))
                 moved = sum(best_ks.get(key) != ks for key, ks in best.items())
@@ -184,9 +201,9 @@ def main() -> None:
     walls = {v: statistics.median(w) for v, w in walls.items()}
     if len(walls) > 1:
         first = walls[variants[0]]
-        for (workers, reach, borrow), wall in walls.items():
-            print(f"--workers {workers}, wiggle reach {reach}, borrow {'yes' if borrow else 'no'}: median {wall:.1f} s "
-                  f"over {args.rounds} round(s), {first / wall:.2f}x the first's speed")
+        for variant, wall in walls.items():
+            print(f"{variant_label(variant)}: median {wall:.1f} s over {args.rounds} round(s), "
+                  f"{first / wall:.2f}x the first's speed")
     if args.compare:
         full = config.replace(ks_search="exhaustive")
         save = args.save and args.save.removesuffix(".jsonl") + ".exhaustive.jsonl"

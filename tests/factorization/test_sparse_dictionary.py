@@ -189,9 +189,12 @@ def test_selection_is_the_top_s_by_importance_with_ties_to_the_lower_atom():
         assert torch.equal(_selected_T(basis, k, s), expected), (k, s)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("shape", [(48, 96), (96, 48)])
-def test_incremental_candidates_equal_the_direct_computation(shape, dtype, tol):
+def test_incremental_candidates_equal_the_direct_computation(shape, dtype, tol, compiled, monkeypatch):
+    from rocketlm.factorization import sparse_dictionary
+    monkeypatch.setattr(sparse_dictionary, "COMPILED_STEPS", compiled)  # the compiled step plan, or torch's
     W, A = _layer(*shape, seed=11)
     basis = layer_basis(W, whitening_factor(A), dtype=dtype)
     exact = layer_basis(W, whitening_factor(A), dtype=torch.float64)
@@ -254,6 +257,40 @@ def test_thresholds_found_near_the_previous_ones_equal_the_direct_ones():
         s1, s2 = int(torch.randint(1, k1, (1,), generator=gen)), int(torch.randint(1, k2, (1,), generator=gen))
         _, state = factorize_next(basis, k1, s1, None)
         assert torch.equal(_thresholds_near(basis, state, k2, s2), _thresholds(basis, k2, s2)), (k1, s1, k2, s2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_step_plan_equals_torchs(dtype, monkeypatch):
+    from rocketlm.factorization import sparse_dictionary, step_kernel
+    assert step_kernel.available(torch.device("cpu"))  # numba is a dependency: CI must run the compiled path
+    W, A = _layer(64, 96, seed=15)
+    basis = layer_basis(W, whitening_factor(A), dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    pairs = [(40, 20, 40, 20), (40, 20, 40, 21), (40, 20, 38, 20), (40, 20, 44, 22), (64, 63, 2, 1), (2, 1, 64, 63)]
+    for _ in range(60):
+        k1, k2 = (int(v) for v in torch.randint(2, 65, (2,), generator=gen))
+        s1, s2 = int(torch.randint(1, k1, (1,), generator=gen)), int(torch.randint(1, k2, (1,), generator=gen))
+        pairs.append((k1, s1, k2, s2))
+    for k1, s1, k2, s2 in pairs:
+        _, state = factorize_next(basis, k1, s1, None)
+        plans = []
+        for compiled in (True, False):
+            monkeypatch.setattr(sparse_dictionary, "COMPILED_STEPS", compiled)
+            plans.append(sparse_dictionary._step_plan(basis, state, k2, s2))
+        (thr, delta), (thr_ref, delta_ref) = plans
+        assert torch.equal(thr, thr_ref), (k1, s1, k2, s2)
+        assert thr.dtype == torch.int32 and thr.shape == (96, 1)
+        for got, ref in zip(delta, delta_ref):
+            assert got.dtype == ref.dtype and torch.equal(got, ref), (k1, s1, k2, s2)
+        # the entries are exactly what changed: applying them to the old C gives the new one
+        crow, atoms, cols, values = delta
+        C_old = basis.Bt[:, :k1] * _selected_T(basis, k1, s1)
+        C_new = torch.zeros(96, k2, dtype=dtype)
+        common = min(k1, k2)
+        C_new[:, :common] = C_old[:, :common]
+        C_new.index_put_((cols, atoms), values, accumulate=True)
+        assert torch.equal(C_new, basis.Bt[:, :k2] * _selected_T(basis, k2, s2)), (k1, s1, k2, s2)
+        assert torch.equal(crow[1:] - crow[:-1], torch.bincount(atoms, minlength=k2)) and bool((atoms.diff() >= 0).all())
 
 
 def test_sparse_updates_chain_at_most_max_sparse_steps_then_go_dense():
