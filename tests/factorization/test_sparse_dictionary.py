@@ -293,6 +293,25 @@ def test_compiled_step_plan_equals_torchs(dtype, monkeypatch):
         assert torch.equal(crow[1:] - crow[:-1], torch.bincount(atoms, minlength=k2)) and bool((atoms.diff() >= 0).all())
 
 
+def test_without_numba_profiling_takes_torchs_path_and_says_so_once(monkeypatch, caplog):
+    from rocketlm.factorization import step_kernel
+    monkeypatch.setattr(step_kernel, "_compiled", None)  # as where numba is not installed
+    monkeypatch.setattr(step_kernel, "_warned", False)
+    W, A = _layer(48, 96, seed=16)
+    basis = layer_basis(W, whitening_factor(A), dtype=torch.float64)
+    exact = layer_basis(W, whitening_factor(A), dtype=torch.float64)
+    state = None
+    with caplog.at_level("WARNING", logger="rocketlm.factorization.step_kernel"):
+        for removed in (0.1, 0.15, 0.2, 0.25):
+            k, s = candidate_shape(48, 96, removed, 2.0)
+            fact, state = factorize_next(basis, k, s, state)
+            assert fact.error_output == pytest.approx(factorize_candidate(exact, k, s).error_output, abs=1e-10)
+    assert state.steps == 3  # the sparse steps ran, on torch's path
+    assert [r.message for r in caplog.records].count(
+        "numba is not installed: profiling takes torch's slower path for its sparse steps (pip install numba)") == 1
+    assert not step_kernel.available(torch.device("meta"))  # other devices: torch's path, no warning needed
+
+
 def test_sparse_updates_chain_at_most_max_sparse_steps_then_go_dense():
     from rocketlm.factorization.sparse_dictionary import MAX_SPARSE_STEPS
     W, A = _layer(96, 192, seed=14)
