@@ -3,11 +3,11 @@ search's borrowed products and without, and with the sparse steps' compiled loop
 test).
 
 :func:`profile_layer` on a synthetic ``d_in x d_out`` layer (the estimate's inputs: :func:`synthetic_gram`,
-:func:`synthetic_weight`), once per ``--row-align`` x ``--borrow`` x ``--compiled-steps`` variant per round, interleaved in one process;
-``--row-align 1`` lays ``C^T`` out as before (rows of ``k`` values back to back); ``--borrow no`` computes a ks new
-to the search with dense products, as before (``profiling.profile.KS_BORROW_STATES``); ``--compiled-steps no``
-finds a sparse step's thresholds and changed entries with torch's vectorised path, as before
-(``factorization.sparse_dictionary.COMPILED_STEPS``). Prints each round's CPU
+:func:`synthetic_weight`), once per ``--row-align`` x ``--borrow`` x ``--compiled-steps`` variant per round,
+interleaved in one process; ``--row-align 1`` lays ``C^T`` out as before (rows of ``k`` values back to back);
+``--borrow no`` computes a ks new to the search with dense products, as before
+(``profiling.profile.KS_BORROW_STATES``); ``--compiled-steps no`` finds a sparse step's thresholds and changed entries
+with torch's vectorised path, as before (``factorization.sparse_dictionary.COMPILED_STEPS``). Prints each round's CPU
 seconds (with one thread: the time on an idle machine), the medians and their ratios to the first variant's, and
 how many candidates each variant shares with the first and the largest difference of their errors.
 

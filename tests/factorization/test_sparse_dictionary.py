@@ -290,7 +290,8 @@ def test_compiled_step_plan_equals_torchs(dtype, monkeypatch):
         C_new[:, :common] = C_old[:, :common]
         C_new.index_put_((cols, atoms), values, accumulate=True)
         assert torch.equal(C_new, basis.Bt[:, :k2] * _selected_T(basis, k2, s2)), (k1, s1, k2, s2)
-        assert torch.equal(crow[1:] - crow[:-1], torch.bincount(atoms, minlength=k2)) and bool((atoms.diff() >= 0).all())
+        assert torch.equal(crow[1:] - crow[:-1], torch.bincount(atoms, minlength=k2))  # CSR rows: by atom
+        assert bool((atoms.diff() >= 0).all())
 
 
 def test_without_numba_profiling_takes_torchs_path_and_says_so_once(monkeypatch, caplog):
