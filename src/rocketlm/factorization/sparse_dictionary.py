@@ -328,12 +328,11 @@ def factorize_next(basis: LayerBasis, k: int, s: int, state: ProductState | None
         raise ValueError(f"invalid candidate k={k}, s={s} for a layer of rank {basis.rank}")
     if s >= k and ridge_rel == 0.0:
         return factorize_candidate(basis, k, s), state
-    if state is None:
+    if state is None or state.steps >= MAX_SPARSE_STEPS:  # dense products: no step to plan
         thr, delta = _thresholds(basis, k, s), None
     else:
         thr, delta = _step_plan(basis, state, k, s)
-    if (delta is None or delta[1].numel() > _INCREMENTAL_MAX_SHARE * k * thr.shape[0]
-            or state.steps >= MAX_SPARSE_STEPS):
+    if delta is None or delta[1].numel() > _INCREMENTAL_MAX_SHARE * k * thr.shape[0]:  # delta[1]: changed atoms
         CT = torch.mul(basis.Bt[:, :k], basis.position[:, :k] <= thr, out=_aligned_CT(thr.shape[0], k, basis.Bt))
         state = ProductState(k, s, thr, CT, *_products(basis.B_rotT, CT))
     else:
