@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from rocketlm.checkpoint.io import is_checkpoint, load_compressed, read_manifest
+from rocketlm.config import RUNTIMES
 from rocketlm.models.loading import load_model
 from rocketlm.runtime.benchmark import compare_speed, memory_figures, time_decode, time_prefill
 
@@ -74,7 +75,8 @@ def main() -> None:
     p.add_argument("--checkpoints", nargs="*", default=[])
     p.add_argument("--threads", default="1,2")
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--runtime", default="auto")
+    p.add_argument("--runtime", default="auto", help="comma list of run-time forms (rocketlm's --runtime); with more "
+                   "than one, every checkpoint is loaded in each, all measured in one process [auto]")
     p.add_argument("--ppl-windows", type=int, default=0, help="WikiText-2 windows for perplexity (0: skip)")
     p.add_argument("--out", default=None)
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
@@ -82,18 +84,24 @@ def main() -> None:
     if args.rss_child:
         _rss_child(args.rss_child, args.runtime)
         return
+    runtimes = args.runtime.split(",")
+    bad = [r for r in runtimes if r not in RUNTIMES]
+    if bad:
+        p.error(f"--runtime {','.join(bad)}: choose from {', '.join(RUNTIMES)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    names = [args.dense, *args.checkpoints]
-    loaded = {name: _load(name, args.runtime) for name in names}
-    rows = {name: _describe(name) for name in names}
+    runs = [(args.dense, runtimes[0])] + [(c, r) for c in args.checkpoints for r in runtimes]
+    labels = {(name, r): name if name == args.dense or len(runtimes) == 1 else f"{name} [{r}]" for name, r in runs}
+    loaded = {labels[name, r]: _load(name, r) for name, r in runs}
+    rows = {labels[name, r]: dict(_describe(name), runtime=r) for name, r in runs}
     dense_targets = next((t for _, _, t in loaded.values() if t is not None), None)
-    for name, (model, tok, targets) in loaded.items():
+    for (name, runtime), label in labels.items():
+        model, tok, targets = loaded[label]
         mem = memory_figures(model, targets if targets is not None else dense_targets)
-        rows[name].update(resident_weight_bytes=mem.resident_weight_bytes, targeted_bytes=mem.targeted_layers_bytes,
-                          targeted_dense_bytes=mem.targeted_layers_dense_bytes,
-                          peak_rss_bytes=peak_rss_alone(name, args.runtime))
+        rows[label].update(resident_weight_bytes=mem.resident_weight_bytes, targeted_bytes=mem.targeted_layers_bytes,
+                           targeted_dense_bytes=mem.targeted_layers_dense_bytes,
+                           peak_rss_bytes=peak_rss_alone(name, runtime))
         forms = [type(m).__name__ for n, m in model.named_modules() if targets and n in set(targets)]
-        rows[name]["forms"] = {f: forms.count(f) for f in sorted(set(forms))}
+        rows[label]["forms"] = {f: forms.count(f) for f in sorted(set(forms))}
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         speed = compare_speed({n: m for n, (m, _, _) in loaded.items()}, runs=args.runs)
@@ -117,7 +125,8 @@ def _print_table(rows: dict, dense: str, threads: list[int], ppl_windows: int) -
         print(f" {f'prefill {t}t':>15} {f'decode {t}t':>15}", end="")
     print(f" {'PPL' + str(ppl_windows):>8}" if ppl_windows else "")
     for name, row in rows.items():
-        label = Path(name).name if row["kind"] == "compressed" else f"{name} (dense)"
+        label = (f"{Path(row['model']).name}{name[len(row['model']):]}" if row["kind"] == "compressed"
+                 else f"{name} (dense)")
         tgt = row["targeted_bytes"] / base["targeted_bytes"]
         print(f"{label:<34} {row['resident_weight_bytes'] / 1e6:7.1f} {row['resident_weight_bytes'] / base['resident_weight_bytes']:.2f}x"
               f" {tgt:8.2f}x {row['peak_rss_bytes'] / 1e6:12.1f}", end="")

@@ -17,7 +17,7 @@ DEFAULT_REMOVED_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 15))  # 0.05
 DEFAULT_KS = tuple(round(1.0 + 0.1 * i, 1) for i in range(21))  # 1.0 .. 3.0
 
 BUDGET_COUNTS = ("values", "bytes", "flops")
-RUNTIMES = ("auto", "factored", "sparse", "merged", "canonical")
+RUNTIMES = ("auto", "compact", "factored", "sparse", "packed", "merged", "canonical")
 KS_SEARCHES = ("auto", "exhaustive")
 
 
@@ -140,7 +140,8 @@ class RocketConfig:
     sensitivity_samples: int = 16  # calibration windows (the first N) used to measure the sensitivities
     # runtime
     device: str = "cpu"
-    runtime: str = "auto"  # run-time form of compressed layers after loading: auto (measured), factored, sparse, merged
+    runtime: str = "auto"  # run-time form of compressed layers after loading: auto (fastest measured), compact
+    # (per layer the exact form with the fewest resident bytes), factored, sparse, packed, merged, canonical
     save_dtype: str | None = None  # dtype of the saved compressed tensors; None = the model's dtype
     offload: str = "none"  # where the weights stay: none/cpu (in memory), disk (safetensors, one block onloaded
     # at a time: rocketlm.offload) or auto (disk when the weights would not fit comfortably in free memory)

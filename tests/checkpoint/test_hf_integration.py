@@ -25,7 +25,7 @@ from rocketlm.integration.layers import compressed_layers
 from rocketlm.runtime import convert_model
 
 HF_ARCHS = ("llama", "qwen3", "mistral", "gemma3")
-RUNTIME_CHOICES = ("factored", "merged", "sparse", "auto")
+RUNTIME_CHOICES = ("factored", "merged", "sparse", "packed", "auto", "compact")
 GRID = GridConfig(removed_ratios=(0.1, 0.3, 0.5, 0.7), ks=(1.0, 2.0, 3.0))
 pytestmark = pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
 
@@ -123,7 +123,7 @@ def test_runtime_by_config_and_checkpoint_default(llama_saved):
     model = AutoModelForCausalLM.from_pretrained(llama_saved.path, config=config)
     assert set(model.rocketlm_forms.values()) == {"sparse"}
     default = _from_pretrained(llama_saved.path)  # the checkpoint's runtime: auto
-    assert set(default.rocketlm_forms.values()) <= {"factored", "sparse", "merged"}
+    assert set(default.rocketlm_forms.values()) <= {"factored", "sparse", "packed", "merged"}
     loaded, tokenizer = load_compressed(llama_saved.path, runtime="factored")
     assert set(loaded.rocketlm_forms.values()) == {"factored"} and loaded.rocketlm_manifest["allocation"]
     assert tokenizer("w1 w2").input_ids
@@ -131,7 +131,7 @@ def test_runtime_by_config_and_checkpoint_default(llama_saved):
         load_compressed(llama_saved.path, runtime="fast")
 
 
-@pytest.mark.parametrize("runtime", ("factored", "sparse", "canonical", "merged"))
+@pytest.mark.parametrize("runtime", ("factored", "sparse", "packed", "canonical", "merged"))
 def test_save_pretrained_round_trip(llama_saved, runtime, tmp_path):
     loaded = _from_pretrained(llama_saved.path, runtime)
     loaded.save_pretrained(tmp_path / "again")

@@ -14,14 +14,14 @@ from torch import nn
 
 from rocketlm.compression.modules import SparseDictionaryLinear, replace_module
 from rocketlm.errors import CheckpointError
-from rocketlm.runtime.forms import FactoredLinear, SparseFactoredLinear
+from rocketlm.runtime.forms import FactoredLinear, PackedLinear, SparseFactoredLinear
 
 log = logging.getLogger(__name__)
 
 QUANT_METHOD = "rocket"
 FORMAT_VERSION = 2  # of the checkpoint: quantization_config in config.json, loadable with from_pretrained
 LAYER_KEYS = ("d_in", "d_out", "k", "s", "bias")
-COMPRESSED_TYPES = (SparseDictionaryLinear, FactoredLinear, SparseFactoredLinear)
+COMPRESSED_TYPES = (SparseDictionaryLinear, FactoredLinear, SparseFactoredLinear, PackedLinear)
 
 
 def compressed_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from rocketlm.compression.modules import SparseDictionaryLinear
-from rocketlm.runtime.forms import FactoredLinear, SparseFactoredLinear
+from rocketlm.runtime.forms import FactoredLinear, PackedLinear, SparseFactoredLinear
 
 log = logging.getLogger(__name__)
 
-COMPRESSED_TYPES = (SparseDictionaryLinear, FactoredLinear, SparseFactoredLinear)
+COMPRESSED_TYPES = (SparseDictionaryLinear, FactoredLinear, SparseFactoredLinear, PackedLinear)
 
 
 @dataclass

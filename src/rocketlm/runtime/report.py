@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from rocketlm.allocation.plan import LayerChoice
-from rocketlm.runtime import choose_forms
+from rocketlm.runtime import CHOSEN, choose_forms
 from rocketlm.runtime.forms import form_bytes, form_flops
 
 
@@ -26,7 +26,8 @@ def run_costs(choices: list[LayerChoice], dtype: torch.dtype, device: torch.devi
     """What every targeted layer costs at run time with ``runtime`` (``auto``: measured on ``device``)."""
     element = torch.tensor([], dtype=dtype).element_size()
     shapes = {(c.d_in, c.d_out, c.k, c.s) for c in choices if not c.dense}
-    forms = choose_forms(shapes, dtype, device) if runtime == "auto" else {shape: runtime for shape in shapes}
+    forms = (choose_forms(shapes, dtype, device, runtime=runtime) if runtime in CHOSEN
+             else {shape: runtime for shape in shapes})
     rows = []
     for c in choices:
         dense_bytes = c.d_in * c.d_out * element

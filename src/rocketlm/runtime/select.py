@@ -4,7 +4,8 @@ The cost model is a table of measured seconds per call, per layer shape ``(d_in,
 dtype, for a decode-shaped input (1 token) and a prefill-shaped input (``PREFILL_TOKENS`` tokens),
 taken with ``torch.utils.benchmark`` (which synchronises CUDA) on random factors of that shape.
 A factored form is chosen only where it is faster than ``merged`` (the dense layer's cost) in both
-regimes; among those, the one with the smallest summed relative time. The table is cached per
+regimes; among those, the one with the smallest summed relative time. (``compact`` times nothing:
+:func:`rocketlm.runtime.forms.compact_form`.) The table is cached per
 device, torch version, thread count and dtype under the rocketlm cache directory, so a second
 load measures nothing.
 """
@@ -41,7 +42,8 @@ def device_key(device: torch.device, dtype: torch.dtype) -> str:
         name = torch.cuda.get_device_name(device)
     else:
         name = platform.processor() or platform.machine()
-    return stable_hash(device.type, name, torch.__version__, torch.get_num_threads(), str(dtype))
+    # the forms measured are part of the key: a table written before a form existed is not reused
+    return stable_hash(device.type, name, torch.__version__, torch.get_num_threads(), str(dtype), *FORMS)
 
 
 def random_layer(d_in: int, d_out: int, k: int, s: int, dtype: torch.dtype, device, seed: int = 0,
