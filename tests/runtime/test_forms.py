@@ -117,6 +117,26 @@ def test_packed_form_both_paths_at_decode_and_prefill(d_in, d_out, k, s, dtype, 
     assert kernels.available(x.reshape(-1, d_in)) == compiled
 
 
+@pytest.mark.parametrize("tokens", (1, 37))
+def test_packed_form_passes_gradients_like_the_canonical_layer(tokens):
+    """Inference form, but not a silent dead end for autograd: through two packed layers in a row (which share the
+    scratch V when no gradient is asked for), the input's and the values' gradients are the canonical layers'."""
+    sources = [random_layer(24, 40, 12, 5, torch.float64, "cpu", seed=1, bias=True),
+               random_layer(40, 24, 16, 6, torch.float64, "cpu", seed=2)]
+    packed = [build_form(source, "packed") for source in sources]
+    for module, source in zip(packed, sources):
+        module.values.requires_grad_(True)
+        source.V_values.requires_grad_(True)
+    x = torch.randn(tokens, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    weights = torch.randn(tokens, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (packed[1](packed[0](x)) * weights).sum().backward()
+    gx, x.grad = x.grad.clone(), None
+    (sources[1](sources[0](x)) * weights).sum().backward()
+    torch.testing.assert_close(gx, x.grad, rtol=1e-12, atol=1e-12)
+    for module, source in zip(packed, sources):
+        torch.testing.assert_close(module.values.grad, source.V_values.grad.T, rtol=1e-12, atol=1e-12)
+
+
 def test_packed_form_holds_fewer_bytes_than_factored_where_its_indices_cost_less_than_the_zeros():
     # one-byte indices (k <= 256) pay off beyond ks = 1.25, two-byte ones beyond 1.5
     for k, s, fewer in ((60, 20, True), (60, 40, True), (60, 50, False), (300, 150, True), (300, 250, False)):

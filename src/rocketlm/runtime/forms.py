@@ -184,12 +184,17 @@ class PackedLinear(_Factors):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.linear(x, self.down)  # ... x k
         flat = z.reshape(-1, self.k)
-        compiled = kernels.available(flat)
+        # where a gradient is asked for: torch's differentiable path and a V of its own (autograd keeps it)
+        grad = torch.is_grad_enabled() and (flat.requires_grad or self.values.requires_grad)
+        compiled = not grad and kernels.available(flat)
         if flat.shape[0] <= GATHER_MAX_TOKENS:
             y = (kernels.gather_product(flat, self.values, self.atoms) if compiled
                  else (self.values * flat[:, self.atoms.long()]).sum(dim=-1))
             y = y.reshape(*x.shape[:-1], self.out_features)
             return y + self.bias if self.bias is not None else y
+        if grad:
+            Vt = torch.zeros(self.out_features, self.k, dtype=self.values.dtype, device=self.values.device)
+            return F.linear(z, Vt.scatter(1, self.atoms.long(), self.values), self.bias)
         Vt = _scratch_V(self.out_features, self.k, self.values)
         if compiled:
             kernels.scatter_dense(self.values, self.atoms, Vt)

@@ -62,10 +62,9 @@ else:
 
 
 def available(t: torch.Tensor) -> bool:
-    """Whether the compiled loops run for ``t`` (a CPU tensor of a compiled dtype, numba installed, no gradient
-    asked for: they are not differentiable)."""
-    return (_gather is not None and t.device.type == "cpu" and t.dtype in COMPILED_DTYPES
-            and not (t.requires_grad and torch.is_grad_enabled()))
+    """Whether the compiled loops run for ``t`` (a CPU tensor of a compiled dtype, numba installed). They are not
+    differentiable: the caller takes torch's path where a gradient is asked for."""
+    return _gather is not None and t.device.type == "cpu" and t.dtype in COMPILED_DTYPES
 
 
 def gather_product(z: torch.Tensor, values: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
