@@ -19,12 +19,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from rocketlm.compression.modules import SparseDictionaryLinear
-from rocketlm.runtime.forms import FactoredLinear, PackedLinear, SparseFactoredLinear
+from rocketlm.integration.layers import COMPRESSED_TYPES
 
 log = logging.getLogger(__name__)
-
-COMPRESSED_TYPES = (SparseDictionaryLinear, FactoredLinear, SparseFactoredLinear, PackedLinear)
 
 
 @dataclass
