@@ -17,10 +17,9 @@ log = logging.getLogger("rocketlm")
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto",
-                   help="run-time form of compressed layers: auto (fastest measured on this device), compact (per layer "
-                        "the exact form with the fewest resident bytes: memory first, it can run slower than dense), "
-                        "factored, "
-                        "sparse, packed, merged, canonical [auto]")
+                   help="run-time form of compressed layers: auto (fastest measured on this device), compact (per "
+                        "layer the exact form with the fewest resident bytes: memory first, it can run slower than "
+                        "dense), factored, sparse, packed, merged, canonical [auto]")
     p.add_argument("--data", default=None, help="data directory (default: $ROCKETLM_DATA)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
 

@@ -41,8 +41,8 @@ class RocketQuantizationConfig(QuantizationConfigMixin):
     """``quantization_config`` of a rocketlm checkpoint: per-layer shapes and the run-time form to load into.
 
     ``runtime`` is one of ``auto`` (measured fastest on the device), ``compact`` (per layer the exact form with the
-    fewest resident bytes), ``factored``, ``sparse``, ``packed``, ``merged`` (a
-    dense ``nn.Linear``) or ``canonical`` (the stored form, for checks).
+    fewest resident bytes), ``factored``, ``sparse``, ``packed``, ``merged`` (a dense ``nn.Linear``) or
+    ``canonical`` (the stored form, for checks).
     """
 
     def __init__(self, layers: dict | None = None, runtime: str = "auto", format_version: int = FORMAT_VERSION,

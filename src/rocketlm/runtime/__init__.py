@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 from rocketlm.config import RUNTIMES  # noqa: E402  (one list for config, CLI and loader)
 
-__all__ = ["RUNTIMES", "CHOSEN", "FORMS", "FactoredLinear", "PackedLinear", "SparseFactoredLinear", "convert_model",
+__all__ = ["RUNTIMES", "FORMS", "FactoredLinear", "PackedLinear", "SparseFactoredLinear", "convert_model",
            "form_bytes", "form_flops", "choose_forms", "plan_forms"]
 
 
@@ -29,8 +29,11 @@ CHOSEN = ("auto", "compact")  # runtimes chosen per layer shape: from timings on
 def choose_forms(shapes: set[tuple[int, int, int, int]], dtype: torch.dtype, device: torch.device | str,
                  cache_dir: str | os.PathLike | None = None, progress: bool = False,
                  runtime: str = "auto") -> dict[tuple, str]:
-    """Form per layer shape ``(d_in, d_out, k, s)``: the fastest measured on ``device`` (``auto``; timings cached per
-    device) or the fewest resident bytes (``compact``, :func:`rocketlm.runtime.forms.compact_form`)."""
+    """Form per layer shape ``(d_in, d_out, k, s)`` under ``runtime``: the fastest measured on ``device`` (``auto``;
+    timings cached per device), the fewest resident bytes (``compact``, :func:`rocketlm.runtime.forms.compact_form`),
+    or ``runtime`` itself."""
+    if runtime not in CHOSEN:
+        return {shape: runtime for shape in shapes}
     if runtime == "compact":
         element = torch.tensor([], dtype=dtype).element_size()
         return {shape: compact_form(*shape, element) for shape in shapes}
@@ -48,8 +51,6 @@ def plan_forms(model: torch.nn.Module, runtime: str = "auto", cache_dir: str | o
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime={runtime!r}: choose one of {', '.join(RUNTIMES)}")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseDictionaryLinear)}
-    if runtime not in CHOSEN:
-        return {name: runtime for name in layers}
     if not layers:
         return {}
     shape = {name: (m.in_features, m.out_features, m.k, m.s) for name, m in layers.items()}

@@ -70,7 +70,8 @@ def available(t: torch.Tensor) -> bool:
 def gather_product(z: torch.Tensor, values: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
     """``z (tokens x k) -> tokens x d_out``; CPU tensors (see :func:`available`)."""
     out = torch.empty(z.shape[0], values.shape[0], dtype=values.dtype)
-    _gather(np.ascontiguousarray(z.numpy()), values.numpy(), atoms.numpy(), out.numpy(), values.numpy().dtype.type(0))
+    v = values.numpy()
+    _gather(np.ascontiguousarray(z.numpy()), v, atoms.numpy(), out.numpy(), v.dtype.type(0))
     return out
 
 

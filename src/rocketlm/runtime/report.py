@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from rocketlm.allocation.plan import LayerChoice
-from rocketlm.runtime import CHOSEN, choose_forms
+from rocketlm.runtime import choose_forms
 from rocketlm.runtime.forms import form_bytes, form_flops
 
 
@@ -23,11 +23,11 @@ class LayerRunCost:
 
 def run_costs(choices: list[LayerChoice], dtype: torch.dtype, device: torch.device | str = "cpu",
               runtime: str = "auto") -> list[LayerRunCost]:
-    """What every targeted layer costs at run time with ``runtime`` (``auto``: measured on ``device``)."""
+    """What every targeted layer costs at run time with ``runtime`` (``auto``: measured on ``device``; ``compact``:
+    by bytes)."""
     element = torch.tensor([], dtype=dtype).element_size()
     shapes = {(c.d_in, c.d_out, c.k, c.s) for c in choices if not c.dense}
-    forms = (choose_forms(shapes, dtype, device, runtime=runtime) if runtime in CHOSEN
-             else {shape: runtime for shape in shapes})
+    forms = choose_forms(shapes, dtype, device, runtime=runtime)
     rows = []
     for c in choices:
         dense_bytes = c.d_in * c.d_out * element
